@@ -1,0 +1,1 @@
+"""Intermediate graph: torch.export capture, pattern rewrites, passes (see DESIGN.md section 5)."""

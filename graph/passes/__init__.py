@@ -1,0 +1,1 @@
+"""Graph passes; PIPELINE is the ordered list (STYLE.md item 1)."""

@@ -1,0 +1,1 @@
+"""Kernels: Triton kernels (plugins/triton) and TensorRT plugin definitions (plugins/tensorrt)."""

@@ -1,0 +1,1 @@
+"""TensorRT plugin definitions wrapping the Triton kernels."""

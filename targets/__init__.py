@@ -1,0 +1,1 @@
+"""Compilation targets: capability tables, kernel selection, emit."""

@@ -1,0 +1,1 @@
+"""The model side: configuration, checkpoint format, and the eager reference (the semantics)."""

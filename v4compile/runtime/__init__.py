@@ -1,0 +1,1 @@
+"""Python runtime: engines, caches, generation."""
