@@ -311,7 +311,7 @@ def _validate(c: ModelConfig) -> None:
     need(c.n_shared_experts == 1, "n_shared_experts", c.n_shared_experts, "V4 has exactly one shared expert")
     need(0 < c.rope_head_dim < c.head_dim and c.rope_head_dim % 2 == 0, "rope_head_dim", c.rope_head_dim,
          f"must be even and in (0, head_dim={c.head_dim})")
-    need(c.nope_head_dim % 64 == 0, "head_dim - rope_head_dim", c.nope_head_dim,
+    need(c.nope_head_dim % 64 == 0, "head_dim - rope_head_dim", f"{c.head_dim} - {c.rope_head_dim} = {c.nope_head_dim}",
          "must be a multiple of 64 (FP8 KV fake-quant block)")
     need(c.n_heads % c.o_groups == 0, "o_groups", c.o_groups, f"must divide n_heads={c.n_heads}")
     d = c.index_head_dim

@@ -196,4 +196,9 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
             g = "mhc+norms"
         groups[g] += n
     groups["total"] = sum(groups.values())
+    # per token: attention + router + k routed + shared + mHC + head (no embedding lookup, no MTP)
+    routed_active = groups["routed experts"] * cfg.n_activated_experts // cfg.n_routed_experts
+    head = cfg.vocab_size * cfg.dim
+    groups["active per token"] = (groups["total"] - groups["mtp"] - groups["embed+head"] + head
+                                  - groups["routed experts"] + routed_active)
     return groups
