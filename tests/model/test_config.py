@@ -137,3 +137,15 @@ def test_model_schema_stacks_experts():
     assert ms["layers.0.ffn.experts.w1.weight"].shape == (8, 128, 128)  # [E, inter, dim/2] packed FP4
     assert "layers.0.ffn.experts.3.w1.weight" not in ms
     assert "layers.0.ffn.gate.tid2eid" in ms and "layers.2.ffn.gate.bias" in ms and "layers.2.ffn.gate.tid2eid" not in ms
+
+
+@needs_shared
+def test_dtype_key_and_missing_quantization_config():
+    d = _flash_hf()
+    d["dtype"] = "bfloat16"  # newer transformers write the torch dtype under "dtype"
+    assert ModelConfig.from_hf_dict(d).weight_dtype == "fp8"
+    d.pop("quantization_config")
+    assert ModelConfig.from_hf_dict(d).weight_dtype == "bf16"
+    d["dtype"] = "int3"
+    with pytest.raises(ConfigError, match="'dtype'"):
+        ModelConfig.from_hf_dict(d)

@@ -243,10 +243,13 @@ def _map_official_keys(raw: dict[str, Any]) -> dict[str, Any]:
             out.update(_map_rope_scaling(value))
         elif key == "quantization_config":
             out.update(_map_quantization(value))
-        elif key == "dtype":  # inference/config.json: dense weight storage
-            if value not in WEIGHT_DTYPES:
-                raise ConfigError(f"config key 'dtype' = {value!r}; expected one of {WEIGHT_DTYPES}")
-            out["weight_dtype"] = value
+        elif key == "dtype":  # inference/config.json: weight storage ("fp8"); newer HF files: the torch dtype
+            if value in WEIGHT_DTYPES:
+                out["weight_dtype"] = value
+            elif value in _DTYPES:
+                out["torch_dtype"] = value
+            else:
+                raise ConfigError(f"config key 'dtype' = {value!r}; expected one of {WEIGHT_DTYPES + tuple(_DTYPES)}")
         elif key in _FIXED or key in _IGNORED:
             continue
         else:
@@ -254,6 +257,8 @@ def _map_official_keys(raw: dict[str, Any]) -> dict[str, Any]:
                 f"unknown config key {key!r} (= {value!r}): it may change the model's semantics "
                 "(e.g. a later release's speculative-decoding or attention variant); refusing to guess"
             )
+    if "weight_dtype" not in out:  # no quantization_config and no inference-style dtype: unquantised weights
+        out["weight_dtype"] = "bf16"
     if "expert_dtype" not in raw:  # V4-SPEC section 13: absent in the initial Flash revision means fp4
         out["expert_dtype"] = "fp4"
     return out
