@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -134,16 +134,21 @@ def random_tensors(cfg: ModelConfig, seed: int, device: str | torch.device = "cp
             yield name, _small_tensor(cfg, name, spec, g)
 
 
-def random_state_dict(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """A valid random checkpoint as a reference-model state dict (model keys, experts stacked, native dtypes)."""
-    mschema = model_schema(cfg)
+def stack_experts(items: Iterable[tuple[str, int | None, torch.Tensor]], schema: dict[str, TensorSpec],
+                  device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """(model key, expert index or None, tensor) -> state dict in `schema` order, experts stacked into [E, ...]."""
     out: dict[str, torch.Tensor] = {}
-    for name, t in random_tensors(cfg, seed, device):
-        key, e = model_key(name)
+    for key, e, t in items:
         if e is None:
             out[key] = t
             continue
         if key not in out:
-            out[key] = torch.empty(mschema[key].shape, dtype=mschema[key].dtype, device=device)
+            out[key] = torch.empty(schema[key].shape, dtype=schema[key].dtype, device=device)
         out[key][e] = t
-    return {k: out[k] for k in mschema}  # model_schema order
+    return {k: out[k] for k in schema}
+
+
+def random_state_dict(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A valid random checkpoint as a reference-model state dict (model keys, experts stacked, native dtypes)."""
+    items = ((*model_key(name), t) for name, t in random_tensors(cfg, seed, device))
+    return stack_experts(items, model_schema(cfg), device)
