@@ -1,0 +1,151 @@
+"""v4triton::compress against the v4::compress reference body (TRITON_INTERPRET on CPU).
+
+Each case drives kernel and reference through the same sequence of chunks (prefill, single-token decode
+steps, continuation chunks; sequences of the batch at different positions) and compares after every call:
+the state rows exactly (pure data movement), the cache rows with the kernel tolerance of the path. The cache
+starts NaN-poisoned, so a block the kernel fails to write shows as a NaN mismatch; the last cache row is the
+reference's scratch row (it absorbs masked writes there) and must stay untouched (NaN) in the kernel's copy.
+Quantised values are also counted: with fp32 or bf16 activations the kernel reproduces the reference's e4m3 /
+e2m1 values exactly on the CPU (rounding is done on the bits); only RoPE channels differ by fp32 ulps (cos/sin).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math
+
+import pytest
+import torch
+
+from v4compile.model import ops as v4ops
+from v4compile.model.rope import rope_inv_freq
+from v4compile.plugins.triton import compressor as ck
+from v4compile.validate import assert_kernel_close
+
+REF = v4ops.BODIES["compress"]
+
+
+def _state(B, m, D, R, n_blocks, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    c = 2 if m == 4 else 1
+    ape = torch.randn(m, c * D, generator=g)
+    norm_w = (1 + 0.1 * torch.randn(D, generator=g)).to(dtype)
+    inv_freq = rope_inv_freq(R, 160000.0, yarn=True, factor=16, original_seq_len=65536)
+    kv_state = torch.zeros(B, c * m, c * D)
+    score_state = torch.full((B, c * m, c * D), -math.inf)
+    cache = torch.full((B, n_blocks + 1, D), float("nan"), dtype=dtype)
+    return ape, norm_w, inv_freq, [kv_state, score_state, cache], g
+
+
+def _drive(B, m, D, R, rotate, chunks, dtype, n_blocks=40, seed=0, starts=None):
+    ape, norm_w, inv_freq, ref_st, g = _state(B, m, D, R, n_blocks, dtype, seed)
+    ker_st = [t.clone() for t in ref_st]
+    c = 2 if m == 4 else 1
+    start = torch.tensor(starts if starts is not None else [0] * B, dtype=torch.int64)
+    prec = "fp32" if dtype == torch.float32 else "bf16"
+    for step, T in enumerate(chunks):
+        kv = torch.randn(B, T, c * D, generator=g)
+        gate = torch.randn(B, T, c * D, generator=g) * 2
+        REF(kv, gate, ape, norm_w, inv_freq, start, *ref_st, m, 1e-6, rotate)
+        ck.compress_launch(kv, gate, ape, norm_w, inv_freq, start, *ker_st, m, 1e-6, rotate)
+        what = f"m={m} D={D} rotate={rotate} {dtype} step {step} (T={T})"
+        assert torch.equal(ker_st[0], ref_st[0]), f"{what}: kv_state differs"
+        assert torch.equal(ker_st[1], ref_st[1]), f"{what}: score_state differs"
+        assert torch.isnan(ker_st[2][:, -1]).all(), f"{what}: scratch row written"
+        out, ref = ker_st[2][:, :-1], ref_st[2][:, :-1]
+        assert_kernel_close(out, ref, prec, what)
+        quant = slice(None) if rotate else slice(0, D - R)  # channels that went through e4m3 / e2m1
+        fin = torch.isfinite(ref[..., quant])
+        flips = int((out[..., quant][fin] != ref[..., quant][fin]).sum())
+        assert flips == 0, f"{what}: {flips} quantised values differ"
+        start = start + T
+    return ker_st
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csa_main_prefill_then_decode(dtype):
+    _drive(2, 4, 128, 64, False, [13, 1, 1, 1, 3, 9], dtype, starts=[0, 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csa_indexer_rotated_fp4(dtype):
+    _drive(2, 4, 64, 32, True, [7, 1, 1, 2, 11], dtype, starts=[0, 5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hca_awkward_width(dtype):
+    _drive(3, 16, 96, 32, False, [37, 1, 1, 10, 20], dtype, starts=[0, 3, 15])
+
+
+def test_hca_ratio_128_and_flash_width():
+    _drive(1, 128, 512, 64, False, [129, 127, 1], torch.bfloat16, n_blocks=4)
+
+
+def test_csa_flash_width_decode():
+    _drive(1, 4, 512, 64, False, [3, 1, 1, 5], torch.bfloat16, n_blocks=3)
+
+
+def test_blocks_past_capacity_are_dropped():
+    """n_blocks = 2: blocks 2.. complete but have no row; nothing may land in the scratch row."""
+    st = _drive(1, 4, 96, 32, False, [13, 4], torch.float32, n_blocks=2)
+    assert torch.isfinite(st[2][:, :2]).all()
+
+
+def test_registered_op_mutates_in_place():
+    ape, norm_w, inv_freq, st, g = _state(1, 4, 96, 32, 8, torch.float32, 0)
+    kv, gate = torch.randn(1, 8, 192, generator=g), torch.randn(1, 8, 192, generator=g)
+    torch.ops.v4triton.compress(kv, gate, ape, norm_w, inv_freq, torch.zeros(1, dtype=torch.long), *st, 4, 1e-6,
+                                False)
+    assert torch.isfinite(st[2][0, :2]).all() and torch.isnan(st[2][0, 2:]).all()
+    assert torch.isinf(st[1][0, 4:]).all() and torch.equal(st[0][0, :4], kv[0, 4:8])
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(ape=torch.zeros(4, 100)), "ape must be"),
+    (dict(kv_state=torch.zeros(1, 8, 64)), "kv_state must be"),
+    (dict(gate_proj=torch.zeros(1, 4, 64)), "one shape"),
+    (dict(rotate=True, D=96), "power-of-two D"),
+    (dict(R=48), r"\(D - R\) % 64"),
+])
+def test_compress_input_errors(change, match):
+    D = change.pop("D", 128)
+    R = change.pop("R", 32)
+    args = dict(kv_proj=torch.zeros(1, 4, 2 * D), gate_proj=torch.zeros(1, 4, 2 * D), ape=torch.zeros(4, 2 * D),
+                norm_weight=torch.ones(D), inv_freq=torch.ones(R // 2), start_pos=torch.zeros(1, dtype=torch.long),
+                kv_state=torch.zeros(1, 8, 2 * D), score_state=torch.zeros(1, 8, 2 * D),
+                cache=torch.zeros(1, 5, D), ratio=4, norm_eps=1e-6, rotate=False)
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        ck.compress_launch(**args)
+    assert not ck.supports_compress(*args.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+@pytest.mark.parametrize("m,D,rotate", [(4, 512, False), (4, 128, True), (128, 512, False)])
+def test_compress_gpu_exact(m, D, rotate):
+    """Real widths on the GPU against the reference run on the same device: states exact, cache within the fp8
+    tolerance, and (softmax / rsqrt differ by ulps between torch and Triton) fewer than 1% rounding flips."""
+    dev = torch.device("cuda")
+    B, c = 4, 2 if m == 4 else 1
+    g = torch.Generator(device=dev).manual_seed(0)
+    ape = torch.randn(m, c * D, device=dev, generator=g)
+    norm_w = torch.ones(D, device=dev, dtype=torch.bfloat16)
+    inv_freq = rope_inv_freq(64, 160000.0, yarn=True, factor=16, original_seq_len=65536, device=dev)
+    st = [torch.zeros(B, c * m, c * D, device=dev), torch.full((B, c * m, c * D), -math.inf, device=dev),
+          torch.full((B, 65, D), float("nan"), device=dev, dtype=torch.bfloat16)]
+    st2 = [t.clone() for t in st]
+    start = torch.tensor([0, 1, 2, 3], device=dev)
+    for T in (1000, 1, 1, 3):
+        kv = torch.randn(B, T, c * D, device=dev, generator=g)
+        gate = torch.randn(B, T, c * D, device=dev, generator=g)
+        REF(kv, gate, ape, norm_w, inv_freq, start, *st, m, 1e-6, rotate)
+        torch.ops.v4triton.compress(kv, gate, ape, norm_w, inv_freq, start, *st2, m, 1e-6, rotate)
+        assert torch.equal(st[0], st2[0]) and torch.equal(st[1], st2[1])
+        assert_kernel_close(st2[2][:, :-1], st[2][:, :-1], "fp8", f"compress gpu m={m}")
+        written = torch.isfinite(st[2][:, :-1])
+        flips = int((st2[2][:, :-1][written] != st[2][:, :-1][written]).sum())
+        assert flips <= 0.01 * int(written.sum()), f"{flips} of {int(written.sum())} cache values differ"
+        start = start + T
