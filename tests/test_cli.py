@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+import torch
+
 from click.testing import CliRunner
 
 from v4compile.cli import main
@@ -36,3 +39,11 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
         assert r.exit_code == 2, (args, r.output)
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU contract; on a GPU the bench runs instead")
+def test_bench_without_gpu_is_exit_3():
+    r = CliRunner().invoke(main, ["bench", "kernels", "attention"])
+    assert r.exit_code == 3 and "CUDA" in r.output
+    r = CliRunner().invoke(main, ["bench", "kernels", "--list"])
+    assert r.exit_code == 0 and "csa" in r.output.lower()

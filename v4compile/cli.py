@@ -97,5 +97,26 @@ def demo(preset: str, prompt_len: int, new_tokens: int, seed: int, as_json: bool
         sys.exit(1)
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks (not tests): ratios measured in one run, JSON written. Needs a CUDA GPU.
+
+    \b
+    Examples:
+      v4compile bench kernels --list
+      v4compile bench kernels attention indexer --json out.json
+      v4compile bench moe --json moe.json
+    """
+
+
+@bench.command("kernels", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_kernels(args: tuple[str, ...]) -> None:
+    """Each Triton kernel at V4-Flash shapes vs eager / SDPA and the same-run floor (see --help of the harness)."""
+    from v4compile.bench.kernels import main as kernels_main
+
+    sys.exit(kernels_main(list(args)))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -41,3 +41,9 @@ class ExportError(V4Error):
     """torch.export failed; names the module and the reason."""
 
     exit_code = 3
+
+
+class TargetError(V4Error):
+    """An unknown target, or a machine that does not match it (e.g. no CUDA GPU for h200)."""
+
+    exit_code = 3

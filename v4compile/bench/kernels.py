@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from v4compile.bench.common import Ceilings, Row, floor_us, measure_ceilings, print_table, time_us, write_json
+from v4compile.errors import TargetError
 from v4compile.validate import calc_diff
 
 H, D, NOPE, WINDOW, TOPK = 64, 512, 448, 128, 512
@@ -292,7 +293,7 @@ def run_kernel_bench(names: list[str] | None = None, json_out: str | None = None
                      quick: bool = False) -> list[Row]:
     """Run the named benchmarks (all when None or empty) on the current CUDA device; print a table; write JSON."""
     if not torch.cuda.is_available():
-        raise RuntimeError("kernel benchmarks need a CUDA device")
+        raise TargetError("kernel benchmarks need a CUDA device (none is visible to torch)")
     known = {b.name: b for b in BENCHES}
     unknown = [n for n in names or [] if n not in known and not any(b.group == n for b in BENCHES)]
     if unknown:
