@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from v4compile.plugins.registry import register_kernel
-from v4compile.plugins.triton.indexer_topk import launcher  # eager: direct launch; tracing: wrap_triton
+from v4compile.plugins.triton.launch import launcher  # eager: direct launch; tracing: wrap_triton
 
 SLOTS_PER_STEP = 16  # slots pooled per step of the online softmax (HCA has m = 128 slots)
 STATE_ELEMS = 2048  # state rows x channels per program of the state update

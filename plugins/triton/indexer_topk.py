@@ -31,6 +31,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from v4compile.plugins.registry import register_kernel
+from v4compile.plugins.triton.launch import launcher
 
 NB = tl.constexpr(256)  # bins per digit: the key's 32 bits are 4 digits of 8, most significant first
 LEVELS = tl.constexpr(4)
@@ -76,7 +77,6 @@ TOPK_CONFIGS: list[TopkConfig] = [
     TopkConfig(4096, 8, True),
 ]
 MAX_CHUNKS = 256  # chunks per row in the top-k passes (a power of two: the write pass loads all counts)
-FORCE_WRAP = False  # tests: launch through torch.library.wrap_triton even when not tracing
 WORKSPACE_FLOATS = 1 << 28  # fused op: fp32 score rows per chunk of queries (1 GiB)
 
 
@@ -271,16 +271,6 @@ def _write_kernel(s_ptr, pos_ptr, hist_ptr, cnt_ptr, out_ptr, k, T, N, ratio, ch
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-
-
-def launcher(kernel, *tensors: torch.Tensor):
-    """`kernel` itself for eager calls on plain tensors (no dispatch overhead); torch.library.wrap_triton(kernel)
-    while tracing (export, compile, fake tensors), so the launch is recorded in the graph."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    tracing = (FORCE_WRAP or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-               or any(type(t) is not torch.Tensor for t in tensors))
-    return torch.library.wrap_triton(kernel) if tracing else kernel
 
 
 def _pow2(x: int) -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from v4compile.plugins.triton.launch import launcher
 
 BK = 128  # reduction step = the scale block of x, h and the weights along K
 _BK = tl.constexpr(BK)  # the same, as kernels see it
@@ -438,7 +439,7 @@ def _quant_rows_fp8(x: torch.Tensor, poison: bool = False) -> tuple[torch.Tensor
     M, K = x.shape
     q = _new((M, K), torch.float8_e4m3fn, x.device, poison)
     s = _new((M, K // BK), torch.float32, x.device, poison)
-    torch.library.wrap_triton(_quant_act_kernel)[(triton.cdiv(M, 16), K // BK)](
+    launcher(_quant_act_kernel)[(triton.cdiv(M, 16), K // BK)](
         x, q, s, M, x.stride(0), q.stride(0), s.stride(0), BR=16, num_warps=4)
     return q, s
 
@@ -452,7 +453,7 @@ def _gemm1(p: _Problem, rows: int, grid_tiles: int, xq, xs, w_gate, w_up, s_gate
     h_fp8 = cfg.block_n % BK == 0
     h = _new((rows, p.I), torch.float8_e4m3fn if h_fp8 else p.act, xq.device, poison)
     hs = _new((rows, p.I // BK) if h_fp8 else (1, 1), torch.float32, xq.device, poison)
-    torch.library.wrap_triton(_gemm1_kernel)[(grid_tiles * (p.I // cfg.block_n),)](
+    launcher(_gemm1_kernel)[(grid_tiles * (p.I // cfg.block_n),)](
         xq, xs, w_gate, w_up, s_gate, s_up, weights, ids, counts, sroute, h, hs, float(limit), p.I, p.d,
         p.k, p.kt, p.E - (p.kt - p.k), p.E, xq.stride(0), xs.stride(0), w_gate.stride(0), w_gate.stride(1),
         s_gate.stride(0), s_gate.stride(1), h.stride(0), hs.stride(0),
@@ -466,7 +467,7 @@ def _gemm2(p: _Problem, grid_tiles: int, hq, hs, w2, s2, ids, counts, sroute, ou
            route_tiles: bool, ep: int) -> None:
     if p.d % cfg.block_n:
         _fail(f"GEMM2 BN={cfg.block_n} must divide d={p.d}")
-    torch.library.wrap_triton(_gemm2_kernel)[(grid_tiles * (p.d // cfg.block_n),)](
+    launcher(_gemm2_kernel)[(grid_tiles * (p.d // cfg.block_n),)](
         hq, hs, w2, s2, ids, counts, sroute, out, p.d, p.I, p.k, p.kt, p.E - (p.kt - p.k), p.E,
         hq.stride(0), hs.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), out.stride(0),
         BM=cfg.block_m, BN=cfg.block_n, EP=ep, SCALE_BN=p.scale_bn2, SK=p.scale_bk2, ROUTE_TILES=route_tiles,
@@ -477,7 +478,7 @@ def _gemm2(p: _Problem, grid_tiles: int, hq, hs, w2, s2, ids, counts, sroute, ou
 def _combine(p: _Problem, o: torch.Tensor, ids: torch.Tensor, poison: bool) -> torch.Tensor:
     y = _new((p.N, p.d), torch.float32, o.device, poison)
     bd = min(1024, triton.next_power_of_2(p.d))
-    torch.library.wrap_triton(_combine_kernel)[(p.N, triton.cdiv(p.d, bd))](
+    launcher(_combine_kernel)[(p.N, triton.cdiv(p.d, bd))](
         o, ids, y, p.d, p.k, p.kt, p.E - (p.kt - p.k), p.E, o.stride(0), y.stride(0), BD=bd, num_warps=4)
     return y
 
@@ -503,11 +504,11 @@ def sort_routes(ids: torch.Tensor, n_experts: int, n_shared: int, block_m: int,
     counts = torch.zeros((n_experts,), dtype=torch.int32, device=ids.device)
     rank = torch.empty((R,), dtype=torch.int32, device=ids.device)
     blk = 1024
-    torch.library.wrap_triton(_count_kernel)[(triton.cdiv(R, blk),)](
+    launcher(_count_kernel)[(triton.cdiv(R, blk),)](
         ids, counts, rank, R, k, kt, n_experts - n_shared, n_experts, BLOCK=blk, num_warps=4)
     t_max = torch.sym_min(R, triton.cdiv(R, block_m) + n_experts)  # each tile >= 1 route; < 1 padding tile each
     sroute = torch.empty((t_max * block_m,), dtype=torch.int32, device=ids.device)
-    torch.library.wrap_triton(_scatter_kernel)[(triton.cdiv(R, blk),)](
+    launcher(_scatter_kernel)[(triton.cdiv(R, blk),)](
         ids, counts, rank, sroute, R, k, kt, n_experts - n_shared, n_experts, BM=block_m,
         EP=triton.next_power_of_2(n_experts), BLOCK=blk, num_warps=4)
     return counts, sroute, t_max

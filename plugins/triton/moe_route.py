@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from v4compile.plugins.triton.launch import launcher
 
 
 @dataclass(frozen=True)
@@ -226,13 +227,13 @@ def moe_route_launch(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, 
     stride_tid = tid2eid.stride(0) if use_hash else 0
     part = torch.empty((n_split, N, be) if n_split > 1 else (1,), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, cfg.block_m), n_split)
-    torch.library.wrap_triton(_router_kernel)[grid](
+    launcher(_router_kernel)[grid](
         x, gate_w, bias if has_bias else weights, tid, tok, part, weights, ids,
         N, E, D, k_per_split, float(route_scale), x.stride(0), gate_w.stride(0), stride_tid,
         BM=cfg.block_m, BE=be, BK=cfg.block_k, TOPK=topk, KP=kp, SPLIT=n_split, HASH=use_hash,
         HAS_BIAS=has_bias, FP32_DOT=fp32_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
-        torch.library.wrap_triton(_router_reduce_kernel)[(N,)](
+        launcher(_router_reduce_kernel)[(N,)](
             part, bias if has_bias else weights, tid, tok, weights, ids, N, E, float(route_scale), stride_tid,
             BE=be, TOPK=topk, KP=kp, SPLIT=n_split, SPLIT_P=triton.next_power_of_2(n_split), HASH=use_hash,
             HAS_BIAS=has_bias, num_warps=4)

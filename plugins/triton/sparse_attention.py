@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from v4compile.plugins.registry import register_kernel
+from v4compile.plugins.triton.launch import launcher
 
 LOG2E = 1.4426950408889634
 
@@ -273,17 +274,6 @@ def _check_fp8_sources(q, kv, sc, kv2, sc2, nope: int) -> None:
             raise ValueError(f"sparse_attention_fp8: {name} data row stride must be even (bf16 RoPE), got {d.stride(1)}")
 
 
-def _plain_eager(t: torch.Tensor) -> bool:
-    """A real tensor outside any tracing: launch the kernel directly.
-
-    Outside a triton_op body, `wrap_triton(k)[grid](...)` dispatches through a higher-order op that cost
-    ~0.2 ms per launch on the H200 (measured); under torch.export/compile tracing the wrapper is required.
-    """
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return type(t) is torch.Tensor and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling()
-
-
 def _launch(q, kv, sc, idx, kv2, sc2, idx2, sink, scale, fp8: bool, nope: int, config: AttnConfig | None,
             num_splits: int | None, out: torch.Tensor | None) -> torch.Tensor:
     B, T, H, D = q.shape
@@ -313,8 +303,7 @@ def _launch(q, kv, sc, idx, kv2, sc2, idx2, sink, scale, fp8: bool, nope: int, c
         part_ml = torch.empty((B * T, splits, H, 2), device=q.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out  # unused by the kernel when SPLIT is False
-    wrap = (lambda k: k) if _plain_eager(q) else torch.library.wrap_triton
-    wrap(_sparse_attn_kernel)[(B * T, n_hb, splits)](
+    launcher(_sparse_attn_kernel, q)[(B * T, n_hb, splits)](
         q, kv, sc, idx, kv2, sc2, idx2, sink, out, part_acc, part_ml,
         T, H, D, N, N2, K, K2, per_split, float(scale) * LOG2E, LOG2E,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), sc.stride(0), sc.stride(1),
@@ -324,7 +313,7 @@ def _launch(q, kv, sc, idx, kv2, sc2, idx2, sink, scale, fp8: bool, nope: int, c
         FP8=fp8, NOPE=nope, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         ch = min(block_h, 16)
-        wrap(_combine_kernel)[(B * T, triton.cdiv(H, ch))](
+        launcher(_combine_kernel, q)[(B * T, triton.cdiv(H, ch))](
             part_acc, part_ml, sink, out, T, H, D, splits, LOG2E, out.stride(0), out.stride(1), out.stride(2),
             BLOCK_H=ch, BLOCK_D=block_d, num_warps=4)
     return out

@@ -17,6 +17,7 @@ import torch
 
 from v4compile.model import ops as v4ops  # noqa: F401  (registers torch.ops.v4.*)
 from v4compile.plugins.triton import indexer_topk as it
+from v4compile.plugins.triton import launch
 from v4compile.validate import assert_kernel_close
 
 REF_SCORES = v4ops.BODIES["indexer_scores"]
@@ -141,7 +142,7 @@ def test_indexer_topk_matches_reference(B, T, Hi, Di, N, k, dtype):
 
 
 def test_indexer_topk_chunked_workspace_and_registered_op(monkeypatch):
-    monkeypatch.setattr(it, "FORCE_WRAP", True)  # the launch path export/AOTInductor traces
+    monkeypatch.setattr(launch, "FORCE_WRAP", True)  # the launch path export/AOTInductor traces
     q, w, kc, pos = _inputs(2, 7, 4, 32, 50, torch.float32, seed=3)
     full = torch.ops.v4triton.indexer_topk(q, w, kc, pos, 4, 6)
     chunked = it.indexer_topk_launch(q, w, kc, pos, 4, 6, workspace_floats=2 * 50 * 3)  # 3 queries per chunk

@@ -470,6 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="skip the BF16 _grouped_mm baseline (13 GB of weights)")
     ap.add_argument("--verbose", action="store_true", help="a table per token count (configs and parts too)")
     a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        from v4compile.errors import TargetError
+
+        raise TargetError("the MoE benchmark needs a CUDA device (none is visible to torch)")
     run_moe_bench(tuple(int(t) for t in a.tokens.split(",")), a.json or os.environ.get("V4_BENCH_JSON"),
                   a.sweep, not a.no_bf16, a.verbose)
     return 0
