@@ -122,6 +122,9 @@ def match(pattern: Any, arg: Any, m: Match) -> bool:
         if pattern.single_user:
             m.captures.setdefault("_single_user", []).append(arg)
         return _capture(m, pattern.name, arg)
+    if isinstance(pattern, list):  # a list argument (e.g. aten.cat's tensors), matched element by element
+        return (isinstance(arg, (list, tuple)) and len(arg) == len(pattern)
+                and all(match(p, a, m) for p, a in zip(pattern, arg)))
     return pattern == arg  # a literal constant in the pattern
 
 

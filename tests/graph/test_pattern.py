@@ -122,3 +122,19 @@ def test_getitem_patterns():
 
     rewrite(gm, rules("g", (P(operator.getitem, P(aten.max, Any("src")), 0), rec)))
     assert len(hits) == 1
+
+
+def test_list_arguments_match_element_by_element():
+    class Cat(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.ops.aten.cat.default([x, y], 1), torch.ops.aten.cat.default([x, x, y], 1)
+
+    gm = _export(Cat(), torch.randn(2, 3), torch.randn(2, 3))
+    hits = []
+
+    def rec(m: Match):
+        hits.append((m["a"].name, m["b"].name))
+        return None
+
+    rewrite(gm, rules("pairs", (P(aten.cat, [Any("a"), Any("b")]), rec)))
+    assert hits == [("x", "y")]  # the three-tensor cat has a list of another length

@@ -1,0 +1,111 @@
+"""Fused V4 ops produced by the graph passes (DESIGN.md section 5), declared with torch.library.
+
+Each body is the composition of the primitive ops' reference bodies (v4compile.model.ops.BODIES) in the
+order the reference model calls them, so a fused graph computes bit-identical values; kernels
+(plugins/triton) implement the same schemas later. `v4::hc_pre` (hc_mix -> sinkhorn -> hc_collapse) is
+declared by the model (model/ops.py) and reused. Importing this module registers the ops, which
+`torch.export.load` of a fused graph needs.
+
+Legend: B batch, T tokens of the call, H heads, D head width, W window, N compressed capacity + 1 (the
+last cache row is scratch), Hi / Di indexer heads / width, m compress ratio, c = 2 for CSA (ratio 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from v4compile.model import ops as v4ops  # noqa: F401 - registers torch.ops.v4.* primitives
+from v4compile.model.ops import BODIES, positions_of, visible_block_indices, window_indices
+
+FUSED_BODIES: dict[str, object] = {}
+"""Op name (without namespace) -> plain-torch body of each fused op declared here."""
+
+CSA_RATIO = 4  # CSA layers and every indexer compressor pool 4-token blocks (V4-SPEC section 4)
+
+_CSA_MUTATES = ("ring", "kv_state", "score_state", "kv_cache", "idx_kv_state", "idx_score_state", "idx_cache")
+_HCA_MUTATES = ("ring", "kv_state", "score_state", "kv_cache")
+
+
+def _fused(name: str, mutates_args: tuple[str, ...] = ()):
+    def wrap(fn):
+        FUSED_BODIES[name] = fn
+        return torch.library.custom_op(f"v4::{name}", mutates_args=mutates_args)(fn)
+
+    return wrap
+
+
+def _attend_and_write_ring(q: Tensor, kv: Tensor, start_pos: Tensor, ring: Tensor, kv2: Tensor, idx2: Tensor,
+                           sink: Tensor, scale: float) -> Tensor:
+    """Window (ring + this chunk) plus picked compressed rows in one softmax, then the ring update."""
+    idx = window_indices(start_pos, q.shape[1], ring.shape[1])
+    o = BODIES["sparse_attention"](q, torch.cat((ring, kv), 1), idx, kv2, idx2, sink, scale)
+    BODIES["ring_write"](ring, kv, start_pos)
+    return o
+
+
+@_fused("csa_attention", mutates_args=_CSA_MUTATES)
+def csa_attention(q: Tensor, kv: Tensor, start_pos: Tensor, ring: Tensor, kv_proj: Tensor, gate_proj: Tensor,
+                  ape: Tensor, norm_weight: Tensor, inv_freq: Tensor, kv_state: Tensor, score_state: Tensor,
+                  kv_cache: Tensor, idx_q: Tensor, idx_weights: Tensor, idx_kv_proj: Tensor, idx_gate_proj: Tensor,
+                  idx_ape: Tensor, idx_norm_weight: Tensor, idx_kv_state: Tensor, idx_score_state: Tensor,
+                  idx_cache: Tensor, sink: Tensor, scale: float, norm_eps: float, topk: int) -> Tensor:
+    """One CSA layer's attention: q [B, T, H, D], kv [B, T, D] (this chunk's raw KV), start_pos [B] ->
+    o [B, T, H, D]; compresses the chunk (main + indexer compressors), scores and picks `topk` complete
+    blocks, attends over window + picks + sink, writes the ring.
+
+    == compress(kv) ; compress(idx, rotate) ; topk_select(indexer_scores(idx_q, idx_weights,
+       idx_cache[:, :-1], positions, 4), topk) ; sparse_attention(q, cat(ring, kv), window, kv_cache, picks)
+       ; ring_write(ring, kv).  Mutates ring, both compressors' states and caches.
+    """
+    BODIES["compress"](kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state,
+                       kv_cache, CSA_RATIO, norm_eps, False)
+    BODIES["compress"](idx_kv_proj, idx_gate_proj, idx_ape, idx_norm_weight, inv_freq, start_pos, idx_kv_state,
+                       idx_score_state, idx_cache, CSA_RATIO, norm_eps, True)
+    positions = positions_of(start_pos, q.shape[1])
+    n = idx_cache.shape[1] - 1  # the scratch row is never scored
+    scores = BODIES["indexer_scores"](idx_q, idx_weights, idx_cache[:, :n], positions, CSA_RATIO)
+    picks = BODIES["topk_select"](scores, topk)
+    return _attend_and_write_ring(q, kv, start_pos, ring, kv_cache, picks, sink, scale)
+
+
+@csa_attention.register_fake
+def _(q, kv, start_pos, ring, kv_proj, gate_proj, ape, norm_weight, inv_freq, kv_state, score_state, kv_cache,
+      idx_q, idx_weights, idx_kv_proj, idx_gate_proj, idx_ape, idx_norm_weight, idx_kv_state, idx_score_state,
+      idx_cache, sink, scale, norm_eps, topk):
+    return torch.empty_like(q)
+
+
+@_fused("hca_attention", mutates_args=_HCA_MUTATES)
+def hca_attention(q: Tensor, kv: Tensor, start_pos: Tensor, ring: Tensor, kv_proj: Tensor, gate_proj: Tensor,
+                  ape: Tensor, norm_weight: Tensor, inv_freq: Tensor, kv_state: Tensor, score_state: Tensor,
+                  kv_cache: Tensor, sink: Tensor, scale: float, ratio: int, norm_eps: float) -> Tensor:
+    """One HCA layer's attention: compresses the chunk (ratio m > 4), attends over window + EVERY complete
+    compressed block + sink, writes the ring; q [B, T, H, D], kv [B, T, D] -> o [B, T, H, D].
+
+    == compress(kv, m) ; sparse_attention(q, cat(ring, kv), window, kv_cache, visible_blocks(positions))
+       ; ring_write(ring, kv).  Mutates ring, the compressor state and kv_cache.
+    """
+    BODIES["compress"](kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state,
+                       kv_cache, ratio, norm_eps, False)
+    positions = positions_of(start_pos, q.shape[1])
+    picks = visible_block_indices(positions, kv_cache.shape[1] - 1, ratio)
+    return _attend_and_write_ring(q, kv, start_pos, ring, kv_cache, picks, sink, scale)
+
+
+@hca_attention.register_fake
+def _(q, kv, start_pos, ring, kv_proj, gate_proj, ape, norm_weight, inv_freq, kv_state, score_state, kv_cache,
+      sink, scale, ratio, norm_eps):
+    return torch.empty_like(q)
+
+
+@_fused("rms_norm_fp8_linear")
+def rms_norm_fp8_linear(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, scale: Tensor) -> Tensor:
+    """x [..., K] act -> [..., O] act == fp8_linear(rms_norm(x, norm_weight, eps), weight, scale): the norm
+    feeds the FP8 activation quantisation directly (no act-dtype round trip through memory in a kernel)."""
+    return BODIES["fp8_linear"](BODIES["rms_norm"](x, norm_weight, eps), weight, scale)
+
+
+@rms_norm_fp8_linear.register_fake
+def _(x, norm_weight, eps, weight, scale):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
