@@ -16,12 +16,7 @@ from v4compile.model.schema import model_schema
 from v4compile.quant.formats import fake_quant_fp4, fake_quant_fp8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
