@@ -1,0 +1,64 @@
+"""What a compilation target is: a small frozen description (DESIGN.md section 2, STYLE.md item 6).
+
+A target names the machine it runs on (`arch`), the precisions it builds, how it picks an implementation
+for each v4 op (`kernel_policy`: "decompose" lowers every op to aten, "registry" asks plugins/registry for
+a kernel and falls back to the op's reference body), and its limits. The emit step (lowering + AOTInductor)
+lives in targets/lower.py and targets/aoti.py; the modules cpu.py / h100.py / h200.py only describe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from v4compile.errors import TargetError
+from v4compile.runtime.manifest import machine_arch
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One compilation target (immutable; module-level constants in targets/<name>.py)."""
+
+    name: str  # "cpu" | "h100" | "h200"
+    arch: str  # "cpu" | "sm_90": what load_engine compares with the machine
+    device: str  # torch device type the engine runs on
+    precisions: tuple[str, ...]  # precisions `build` accepts for this target
+    kernel_policy: str  # "decompose" | "registry"
+    tested: bool  # False: described here, never built and run by this project's tests
+    separate_decode: bool  # False: "decode" is the prefill program (dynamic T) packaged under both names
+    max_batch: int = 256  # limits a build may ask for
+    max_len: int = 1 << 20
+    notes: str = ""
+    ops: tuple[str, ...] = field(default=())  # ops the kernel registry is asked about (registry policy)
+
+    def check_precision(self, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise TargetError(f"precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if precision not in self.precisions:
+            raise TargetError(f"target {self.name} does not build precision {precision!r}; "
+                              f"it builds {', '.join(self.precisions)}")
+
+    def act_dtype(self, precision: str) -> torch.dtype:
+        """Activation dtype of a precision (fp8 = FP8 weights and experts, bf16 activations)."""
+        self.check_precision(precision)
+        if precision == "fp32":
+            return torch.float32
+        elif precision in ("bf16", "fp8"):
+            return torch.bfloat16
+        else:
+            raise TargetError(f"precision {precision!r} has no activation dtype")
+
+
+def check_machine(target: Target) -> None:
+    """Raise TargetError naming both when this machine cannot run `target`'s engines."""
+    have = machine_arch()
+    if target.arch == "cpu":
+        return  # a cpu engine runs anywhere torch runs
+    elif have == "cpu":
+        raise TargetError(f"target {target.name} needs a CUDA GPU ({target.arch}); this machine has none")
+    elif have != target.arch:
+        raise TargetError(f"target {target.name} needs a GPU of arch {target.arch}; this machine's GPU is {have} "
+                          f"({torch.cuda.get_device_name(0)})")

@@ -1,0 +1,176 @@
+"""Lowering a captured entry point for a target: every v4 op node gets an implementation, then the graph is
+re-exported so that only aten ops (cpu) or aten + registry kernels (GPU targets) remain.
+
+Each v4 node's target is swapped for a plain-Python callable (the op's reference body, a cpu rewrite, or a
+registry kernel) and the unlifted module is exported again: tracing the bodies yields aten ops, and their
+in-place cache writes become input mutations of the new program (so the AOTInductor model updates the caches
+it is given). `ExportedProgram.run_decompositions({op: body})` does not work here (torch 2.13): bodies of
+mutating ops are traced under functionalization and trip "expected an entirely functional graph".
+
+cpu steps, in order: fold_weight_dequant (FP8/FP4 weights of the linears and experts dequantised once),
+fold_constants (the rest of the weight-only math, e.g. compressor projections), swap v4 nodes for bodies,
+export, drop_size_oblivious_asserts. GPU targets (registry policy) skip the two folds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import Tensor
+from torch.export import Dim, ExportedProgram
+
+from v4compile.errors import ExportError, UnsupportedOpError
+from v4compile.graph.capture import Captured
+from v4compile.graph.fused_ops import FUSED_BODIES
+from v4compile.model import ops as v4ops
+from v4compile.model.ops import BODIES
+from v4compile.targets.base import Target
+from v4compile.targets.const_fold import fold_constants
+from v4compile.targets.cpu_fold import fold_weight_dequant
+
+log = logging.getLogger(__name__)
+
+
+def moe_experts_dense(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor,
+                      w2: Tensor, s2: Tensor, swiglu_limit: float) -> Tensor:
+    """v4::moe_experts without data-dependent shapes: every expert runs on every token, unrouted rows are
+    masked out. Bit-identical to the reference body: activation quantisation is per row, experts are added
+    in ascending order, and each token's routing weight for e is one nonzero term (ids are distinct)."""
+    N, d = x.shape
+    y = torch.zeros(N, d, dtype=torch.float32, device=x.device)
+    xin = v4ops._expert_input(x, w1)
+    for e in range(w1.shape[0]):
+        hit = ids == e  # [N, k]
+        w_e = torch.where(hit, weights.float(), 0.0).sum(-1, keepdim=True)
+        h = v4ops.swiglu(v4ops._expert_mm(xin, w1[e], v4ops._at(s1, e), x.dtype),
+                         v4ops._expert_mm(xin, w3[e], v4ops._at(s3, e), x.dtype), swiglu_limit)
+        out = v4ops.expert_linear((h * w_e).to(x.dtype), w2[e], v4ops._at(s2, e)).float()
+        y = y + torch.where(hit.any(-1, keepdim=True), out, 0.0)
+    return y
+
+
+CPU_OVERRIDES: dict[str, Callable] = {"moe_experts": moe_experts_dense}
+"""Ops whose reference body has data-dependent shapes (cannot be exported with dynamic sizes)."""
+
+
+def reference_impl(name: str) -> Callable:
+    """The export-friendly plain-torch implementation of v4 op `name` (no namespace)."""
+    if name in CPU_OVERRIDES:
+        return CPU_OVERRIDES[name]
+    elif name in BODIES:
+        return BODIES[name]
+    elif name in FUSED_BODIES:
+        return FUSED_BODIES[name]
+    else:
+        raise UnsupportedOpError(f"v4::{name} has no reference body to decompose")
+
+
+@contextlib.contextmanager
+def _whole_chunk_bodies() -> Iterator[None]:
+    """The bodies split queries into memory-bounded chunks with a Python loop over range(T), which would
+    specialise the symbolic length; traced graphs take the whole call as one chunk (Inductor plans memory).
+    Safe: the chunks are independent query slices. Remove when ops._query_chunks is shape-symbolic."""
+    saved = v4ops._query_chunks
+    v4ops._query_chunks = lambda T, per_query: [(0, T)]
+    try:
+        yield
+    finally:
+        v4ops._query_chunks = saved
+
+
+_SIZE_OBLIVIOUS = re.compile(r"expression Ne\((.+), [01]\) on node")
+
+
+def drop_size_oblivious_asserts(program: ExportedProgram) -> int:
+    """Remove the runtime asserts `Ne(size, 1)` / `Ne(size // m, 0)` that backed_size_oblivious records.
+
+    They say "this graph took the path for sizes >= 2" in contiguity and broadcast checks; for the dims in
+    question (batch, chunk length, complete blocks) that path computes the same values at size 1, which the
+    cpu engine tests check against eager at B = 1, T = 1 and T < ratio. Returns the number removed.
+    """
+    g = program.graph
+    dropped = 0
+    for node in list(g.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default:
+            msg = node.args[1] if len(node.args) > 1 else ""
+            if isinstance(msg, str) and _SIZE_OBLIVIOUS.search(msg):
+                g.erase_node(node)
+                dropped += 1
+    g.eliminate_dead_code()
+    program.graph_module.recompile()
+    return dropped
+
+
+@dataclass
+class Lowered:
+    """One entry point after lowering: an aten (+ registry kernels) program and which impl each op got."""
+
+    entry: str
+    program: ExportedProgram
+    kernels: dict[str, str]  # "v4::op" -> implementation name or "reference"
+
+
+def _choose(node: torch.fx.Node, target: Target) -> tuple[Callable, str]:
+    name = node.target._opname
+    if target.kernel_policy == "decompose":
+        return reference_impl(name), "reference"
+    elif target.kernel_policy == "registry":
+        from v4compile.plugins import registry  # GPU targets only: the runtime and cpu path never import plugins
+
+        _, op, args, kwargs = registry.node_call(node)
+        entry = registry.lookup(op, target.name, *args, **kwargs)
+        return (entry.fn, entry.name) if entry is not None else (reference_impl(name), "reference")
+    else:
+        raise UnsupportedOpError(f"target {target.name}: unknown kernel policy {target.kernel_policy!r}")
+
+
+def lower(g: Captured, target: Target, example: tuple[Tensor, ...], max_batch: int) -> Lowered:
+    """Swap every v4 node for its implementation on `target` and re-export with dynamic batch (and length for
+    prefill); `example` = (tokens, start_pos, *caches) sized so no dim is 0/1-specialised."""
+    if target.kernel_policy == "registry":
+        import v4compile.plugins.triton  # noqa: F401 - registers the Triton kernels
+    try:
+        gm = g.program.module(check_guards=False)
+    except TypeError:  # torch < 2.13 has no check_guards argument
+        gm = g.program.module()
+    kernels: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    if target.kernel_policy == "decompose":
+        for op in fold_weight_dequant(gm):
+            kernels[op] = "reference (weights dequantised at build)"
+            counts[op] += 1
+        counts["constant subgraphs folded"] = fold_constants(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "v4":
+            op = f"v4::{node.target._opname}"
+            node.target, kernels[op] = _choose(node, target)
+            counts[op] += 1
+    gm.recompile()
+    b = Dim("batch", min=1, max=max_batch)
+    tok = {0: b, 1: Dim("seq", min=1, max=g.max_len)} if g.entry == "prefill" else {0: b}
+    dynamic = (tok, {0: b}, *({0: b} for _ in g.cache_names))
+    try:
+        # backed_size_oblivious: contiguity checks must not specialise sizes that can be 1 (e.g. the number of
+        # compressed blocks a short chunk can complete); deferred asserts: always-true divisibility guards of
+        # reshapes sympy cannot prove become runtime checks instead of export errors.
+        with torch.no_grad(), _whole_chunk_bodies(), fx_config.patch(backed_size_oblivious=True):
+            program = torch.export.export(gm, example, dynamic_shapes=dynamic,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
+    except Exception as e:  # torch raises many unrelated types here; surface one typed error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"lowering the {g.entry} entry point for target {target.name} failed: "
+                          f"{type(e).__name__}: {first}") from e
+    left = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function"
+                   and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "v4"})
+    if target.kernel_policy == "decompose" and left:
+        raise UnsupportedOpError(f"target {target.name}: v4 ops left after decomposition: {', '.join(left)}")
+    dropped = drop_size_oblivious_asserts(program)
+    log.info("lowered %s for %s: %s (%d size-oblivious asserts dropped)", g.entry, target.name, dict(counts), dropped)
+    return Lowered(g.entry, program, kernels)

@@ -1,0 +1,32 @@
+"""The session's ONE tiny cpu engine build, shared by the Python runtime tests and the C++ runtime tests.
+
+fp32 activations: engine and eager then differ only in summation order, so logits are compared with the
+kernel tolerance and greedy tokens must agree exactly (bf16 noise can flip an argmax between near-ties).
+"""
+
+import pytest
+import torch
+
+from v4compile.api import build, load_engine
+from v4compile.model.config import ModelConfig
+from v4compile.model.reference import ReferenceModel
+
+MAX_LEN, MAX_BATCH = 64, 4
+
+
+@pytest.fixture(scope="session")
+def eager():
+    """The seeded tiny reference model (fp32) the engine is built from."""
+    return ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory, eager):
+    """tiny, cpu target, fp32, max_batch 4, max_len 64, build-time parity check on (a few minutes on 2 cores)."""
+    out = tmp_path_factory.mktemp("engines") / "tiny.engine"
+    return build(eager, "cpu", "fp32", out, max_batch=MAX_BATCH, max_len=MAX_LEN, progress=False)
+
+
+@pytest.fixture(scope="session")
+def engine(engine_dir):
+    return load_engine(engine_dir)

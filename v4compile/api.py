@@ -1,0 +1,222 @@
+"""Public API: `build(source, target, precision, out_dir) -> Path` and `load_engine(path) -> Engine`.
+
+build = capture (graph/capture) -> PIPELINE (graph/passes) -> lowering (targets/lower) -> AOTInductor package
+(targets/aoti) -> parity check against eager -> manifest; everything is written into a temporary directory
+next to out_dir and renamed into place, so an exception or Ctrl-C leaves neither an engine nor a temp dir.
+This is the only module that wires compiler, targets and runtime together (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+import v4compile
+from v4compile.errors import ConfigError, InputError, ParityError
+from v4compile.model.config import ModelConfig
+from v4compile.model.reference import ReferenceModel
+from v4compile.runtime import manifest as mf
+from v4compile.runtime.engine import Engine, load_engine
+from v4compile.validate import TOLERANCES
+
+__all__ = ["build", "load_engine", "Engine", "eager_generate", "check_parity"]
+
+MODEL_LOGITS_CALC_DIFF = TOLERANCES["model_logits"]  # the one tolerance table (DESIGN.md section 8)
+"""Build-time check: engine vs eager logits calc_diff bound by precision. fp32: only summation order differs
+(tiny: 4e-15). bf16: accumulation order moves FP8/FP4 fake-quant roundings; on tiny the eager model's own
+one-token decode vs prefill of the same tokens differs by 8.4e-3, the cpu engine vs eager by 1.7e-3."""
+
+
+def _model_from(source: Any, act_dtype: torch.dtype) -> ReferenceModel:
+    """Preset name, ModelConfig, checkpoint directory or ReferenceModel -> an eval-mode ReferenceModel."""
+    if isinstance(source, ReferenceModel):
+        if source.act_dtype != act_dtype:
+            raise ConfigError(f"model activation dtype {source.act_dtype} does not match the precision's {act_dtype}")
+        return source.eval()
+    elif isinstance(source, ModelConfig):
+        return ReferenceModel(source, dtype=act_dtype).eval()
+    elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        from v4compile.model.checkpoint import load_checkpoint
+
+        return load_checkpoint(source, dtype=act_dtype).eval()
+    elif isinstance(source, str):
+        return ReferenceModel(ModelConfig.preset(source), dtype=act_dtype).eval()
+    else:
+        raise ConfigError(f"build source {source!r}: expected a preset name, a ModelConfig, a checkpoint "
+                          "directory or a ReferenceModel")
+
+
+class _Stages:
+    """Names each build stage and times it; prints one line per stage with rich when `show`."""
+
+    def __init__(self, show: bool) -> None:
+        self.show, self.times = show, {}
+        if show:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self.show:
+            with self.console.status(f"{name} ..."):
+                yield
+        else:
+            yield
+        self.times[name] = round(time.perf_counter() - t0, 2)
+        if self.show:
+            self.console.print(f"[green]done[/green] {name} ({self.times[name]:.1f}s)")
+
+
+def _example_len(cfg: ModelConfig, max_len: int) -> int:
+    """Example prefill length: past two blocks of the largest compress ratio, odd (no divisibility guard)."""
+    want = 2 * max([r for r in cfg.compress_ratios] + [2]) + 3
+    return max(2, min(want, max_len - 1))
+
+
+def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: str | Path = "engine", *,
+          check: bool = True, max_batch: int | None = None, max_len: int | None = None,
+          progress: bool = True, overwrite: bool = False) -> Path:
+    """Compile `source` for `target` into an engine directory `out_dir` (see module doc); returns its path.
+
+    check: run the build-time parity check (engine vs eager) and record it in the manifest; a failure raises
+    ParityError and leaves no engine. max_batch / max_len default to the config's max_batch_size / max_seq_len.
+    """
+    from v4compile.graph.capture import capture, example_inputs
+    from v4compile.graph.passes import run_pipeline
+    from v4compile.targets import check_machine, get_target
+    from v4compile.targets.aoti import WEIGHTS_MODE, package
+    from v4compile.targets.lower import lower
+
+    tgt = get_target(target)
+    act = tgt.act_dtype(precision)
+    check_machine(tgt)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists (pass overwrite=True / remove it)")
+    stages = _Stages(progress)
+    with stages("load model"):
+        model = _model_from(source, act)
+    cfg = model.cfg
+    max_batch = cfg.max_batch_size if max_batch is None else max_batch
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    if not 1 <= max_batch <= tgt.max_batch or not 2 <= max_len <= min(tgt.max_len, cfg.max_position_embeddings):
+        raise InputError(f"max_batch {max_batch} / max_len {max_len}: target {tgt.name} allows batch 1..{tgt.max_batch}"
+                         f" and length 2..{min(tgt.max_len, cfg.max_position_embeddings)}")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        lowered = {}
+        for entry in ("prefill", "decode") if tgt.separate_decode else ("prefill",):
+            with stages(f"capture {entry}"):
+                g = capture(model, entry, max_len=max_len)
+            with stages(f"passes {entry}"):
+                g = run_pipeline(g)
+            with stages(f"lower {entry} ({tgt.name})"):
+                ex = example_inputs(model, entry, 2, _example_len(cfg, max_len), max_len)
+                lowered[entry] = lower(g, tgt, ex, max(2, max_batch))
+        if not tgt.separate_decode:
+            lowered["decode"] = lowered["prefill"]  # T = 1 through the dynamic-length program
+        with stages("AOTInductor compile + package"):
+            package(lowered, tmp / mf.PACKAGE)
+        kernels: dict[str, str] = {}
+        for lo in lowered.values():
+            kernels.update(lo.kernels)
+        manifest = {
+            "format_version": mf.FORMAT_VERSION, "v4compile": v4compile.__version__, "torch": torch.__version__,
+            "triton": _triton_version(), "target": tgt.name, "arch": tgt.arch, "precision": precision,
+            "tested_target": tgt.tested, "config": cfg.to_dict(),
+            "build": {"max_batch": max_batch, "max_len": max_len, "check": check, "weights": WEIGHTS_MODE,
+                      "stage_seconds": stages.times},
+            "kernels": dict(sorted(kernels.items())),
+            "entry_points": {
+                "prefill": {"model": "prefill", "batch": [1, max_batch], "tokens": [1, max_len]},
+                "decode": {"model": "decode", "batch": [1, max_batch], "tokens": [1, 1],
+                           "program": "decode" if tgt.separate_decode else "prefill"},
+            },
+            "cache": {"max_batch": max_batch, "max_len": max_len, "tensors": mf.cache_layout(cfg, max_len, act)},
+            "parity": None,
+        }
+        mf.write_manifest(tmp, manifest)
+        if check:
+            with stages("parity check vs eager"):
+                manifest["parity"] = check_parity(model, load_engine(tmp), precision)
+            mf.write_manifest(tmp, manifest)
+        if out.exists():  # overwrite=True: the old engine goes only once the new one is complete
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:  # KeyboardInterrupt included: never leave a half-written engine or temp dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+@torch.no_grad()
+def eager_generate(model: ReferenceModel, prompt: list[int], max_new_tokens: int,
+                   stop_tokens: tuple[int, ...] = ()) -> list[int]:
+    """Greedy continuation of ONE prompt with the eager reference (the semantics engines are checked against)."""
+    cache = model.new_cache(1, len(prompt) + max(max_new_tokens, 1))
+    logits = model(torch.tensor([prompt]), 0, cache)[0, -1]
+    out: list[int] = []
+    for step in range(max_new_tokens):
+        t = int(logits.argmax())
+        out.append(t)
+        if t in stop_tokens or step == max_new_tokens - 1:
+            break
+        logits = model(torch.tensor([[t]]), len(prompt) + step, cache)[0, -1]
+    return out
+
+
+def _parity_prompts(cfg: ModelConfig, max_len: int, n_new: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1234)
+    lens = sorted({max(1, min(n, max_len - n_new)) for n in (max_len // 2, 7, 1)}, reverse=True)
+    return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+@torch.no_grad()
+def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: int = 4) -> dict[str, Any]:
+    """Engine vs eager on seeded prompts: prefill logits (calc_diff, max abs / rel error) and greedy tokens over
+    n_new decode steps; raises ParityError beyond MODEL_LOGITS_CALC_DIFF. Returns the manifest summary."""
+    from v4compile.validate import calc_diff, nonfinite_mismatch
+
+    cfg = model.cfg
+    prompts = _parity_prompts(cfg, engine.max_len, n_new)
+    diffs, abs_err, rel_err, nonfinite = [], 0.0, 0.0, 0
+    for p in prompts:
+        tok = torch.tensor([p])
+        ref = model(tok, 0, model.new_cache(1, engine.max_len))
+        got = engine.prefill(tok, 0, engine.new_session(1)).to(ref.device)
+        diffs.append(calc_diff(got, ref))
+        nonfinite += nonfinite_mismatch(got, ref)
+        err = (got.double() - ref.double()).abs()
+        abs_err = max(abs_err, float(err.max()))
+        rel_err = max(rel_err, float((err / ref.double().abs().clamp_min(1e-6)).max()))
+    batch = prompts[:engine.max_batch]
+    want = [eager_generate(model, p, n_new) for p in batch]
+    got_tokens = engine.generate(batch, n_new, stop_tokens=())
+    agree = sum(a == b for w, g in zip(want, got_tokens) for a, b in zip(w, g))
+    summary = {"prompts": [len(p) for p in prompts], "logits_calc_diff": max(diffs), "max_abs_err": abs_err,
+               "max_rel_err": rel_err, "nonfinite_mismatch": nonfinite, "greedy_steps": n_new,
+               "greedy_token_agreement": f"{agree}/{sum(len(w) for w in want)}",
+               "tolerance": MODEL_LOGITS_CALC_DIFF[precision]}
+    summary["ok"] = bool(max(diffs) < summary["tolerance"] and nonfinite == 0)
+    if not summary["ok"]:
+        raise ParityError(f"engine vs eager logits: calc_diff {max(diffs):.3e} (bound {summary['tolerance']:.0e}), "
+                          f"max abs err {abs_err:.3e}, {nonfinite} inf/NaN mismatches")
+    return summary

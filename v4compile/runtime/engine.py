@@ -1,0 +1,230 @@
+"""The Python runtime: load an engine directory, own its caches, run prefill / decode / generate.
+
+An engine carries its kernels (model.pt2 holds the AOTInductor models "prefill" and "decode"); this module
+imports nothing of the compiler (graph, plugins). Calling convention (engine contract): inputs
+`(tokens int64 [B, T], start_pos int64 [B], *caches in manifest order)`, output logits f32 [B, T, V];
+the caches are updated in place. A Session owns one cache set for `batch` sequence slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from v4compile.errors import EngineError, InputError
+from v4compile.model.config import ModelConfig
+from v4compile.runtime import manifest as mf
+from v4compile.runtime.sampling import sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """Cache tensors for `batch` sequence slots (manifest order) and each slot's next position."""
+
+    batch: int
+    caches: list[Tensor]
+    layout: list[dict[str, Any]]
+    positions: list[int] = field(default_factory=list)
+
+    def reset(self, slots: int | Sequence[int] | None = None) -> None:
+        """Restore the init values of these slots (all when None) so a reused slot starts fresh."""
+        rows = range(self.batch) if slots is None else [slots] if isinstance(slots, int) else list(slots)
+        for b in rows:
+            if not 0 <= b < self.batch:
+                raise InputError(f"slot {b} outside [0, {self.batch})")
+            for t, entry in zip(self.caches, self.layout):
+                t[b].fill_(mf.init_value(entry))
+            self.positions[b] = 0
+
+    def rows(self, slots: Sequence[int]) -> list[Tensor]:
+        """Cache views of consecutive slots (contiguous, so a model call writes through them)."""
+        lo, hi = min(slots), max(slots) + 1
+        if list(slots) != list(range(lo, hi)):
+            raise InputError(f"slots {list(slots)} must be consecutive")
+        return [t[lo:hi] for t in self.caches]
+
+
+class Engine:
+    """A loaded engine: `prefill`, `decode` and `generate` over Sessions (see module doc)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], models: dict[str, Any], device: torch.device) -> None:
+        self.root, self.manifest, self.models, self.device = root, manifest, models, device
+        self.cfg = ModelConfig.from_dict(manifest["config"])
+        cache = manifest["cache"]
+        self.max_batch, self.max_len, self.layout = int(cache["max_batch"]), int(cache["max_len"]), cache["tensors"]
+        self.vocab_size = self.cfg.vocab_size
+        self._decode_graphs: dict[int, _DecodeGraph] = {}
+
+    # ------------------------------------------------------------------ sessions
+
+    def new_session(self, batch: int) -> Session:
+        """Zero / -inf initialised caches (per the manifest) for `batch` sequence slots."""
+        if not isinstance(batch, int) or not 1 <= batch <= self.max_batch:
+            raise InputError(f"session batch {batch!r}; this engine serves 1..{self.max_batch} sequences")
+        caches = [torch.full((batch, *e["shape"][1:]), mf.init_value(e), dtype=mf.dtype_of(e["dtype"]),
+                             device=self.device) for e in self.layout]
+        return Session(batch, caches, self.layout, [0] * batch)
+
+    # ------------------------------------------------------------------ model calls
+
+    def prefill(self, tokens: Tensor, start_pos: Tensor | int, session: Session,
+                slots: Sequence[int] | None = None) -> Tensor:
+        """tokens [B, T] continuing each sequence from start_pos[b] -> logits f32 [B, T, V] (caches updated).
+        slots: the session's consecutive slots these B rows use (default all)."""
+        return self._call("prefill", tokens, start_pos, session, slots)
+
+    def decode(self, tokens: Tensor, start_pos: Tensor | int, session: Session,
+               slots: Sequence[int] | None = None) -> Tensor:
+        """One token per sequence: tokens [B] or [B, 1] at start_pos[b] -> logits f32 [B, 1, V]."""
+        if not isinstance(tokens, Tensor):
+            raise InputError(f"decode tokens: expected an int tensor [B] or [B, 1], got {type(tokens).__name__}")
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(1)
+        if tokens.dim() != 2 or tokens.shape[1] != 1:
+            raise InputError(f"decode tokens: expected [B] or [B, 1], got {list(tokens.shape)}")
+        return self._call("decode", tokens, start_pos, session, slots)
+
+    def _call(self, entry: str, tokens: Tensor, start_pos: Tensor | int, session: Session,
+              slots: Sequence[int] | None) -> Tensor:
+        slots = list(range(session.batch)) if slots is None else list(slots)
+        tokens, sp = self._check(tokens, start_pos, len(slots))
+        caches = session.caches if len(slots) == session.batch else session.rows(slots)
+        if entry == "decode" and self.device.type == "cuda":
+            out = self._cuda_decode(tokens, sp, caches)
+        else:
+            out = self.models[entry](tokens, sp, *caches)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        end = (sp + tokens.shape[1]).tolist()
+        for b, e in zip(slots, end):
+            session.positions[b] = e
+        return out
+
+    def _check(self, tokens: Tensor, start_pos: Tensor | int, batch: int) -> tuple[Tensor, Tensor]:
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype.is_floating_point:
+            what = f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise InputError(f"tokens: expected an int tensor [B, T], got {what}")
+        B, T = tokens.shape
+        if B != batch or T == 0:
+            raise InputError(f"tokens {list(tokens.shape)}: expected {batch} sequence(s) of >= 1 token")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise InputError(f"token id {lo if lo < 0 else hi} outside [0, {self.vocab_size})")
+        sp = torch.full((B,), start_pos) if isinstance(start_pos, int) else torch.as_tensor(start_pos).reshape(-1)
+        if sp.shape[0] != B or sp.dtype.is_floating_point:
+            raise InputError(f"start_pos: expected {B} int positions, got {sp.dtype} {list(sp.shape)}")
+        if int(sp.min()) < 0 or int(sp.max()) + T > self.max_len:
+            raise InputError(f"start_pos {sp.tolist()} + {T} tokens exceeds this engine's max_len {self.max_len}")
+        dev = self.device
+        return tokens.to(dev, torch.int64).contiguous(), sp.to(dev, torch.int64).contiguous()
+
+    def _cuda_decode(self, tokens: Tensor, sp: Tensor, caches: list[Tensor]) -> Tensor:
+        key = (tokens.shape[0], tuple(t.data_ptr() for t in caches))
+        graph = self._decode_graphs.get(key)
+        if graph is None:
+            graph = _DecodeGraph(self.models["decode"], caches, tokens.shape[0], self.device)
+            self._decode_graphs = {key: graph}  # one captured graph at a time (it pins the session's caches)
+        return graph(tokens, sp)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_tokens: Sequence[int] | None = None, seed: int = 0) -> list[list[int]]:
+        """New tokens for each prompt (stop token included when hit). Each prompt is prefilled alone in its own
+        slot (no pad token ever reaches a cache), then all sequences decode together at their own positions."""
+        self._check_prompts(prompts, max_new_tokens)
+        stops = set((self.cfg.eos_token_id,) if stop_tokens is None else stop_tokens)
+        gen = torch.Generator().manual_seed(seed)
+        session = self.new_session(len(prompts))
+        last = []
+        for b, p in enumerate(prompts):
+            logits = self.prefill(torch.tensor([p], dtype=torch.int64), 0, session, slots=[b])
+            last.append(logits[0, -1])
+        out: list[list[int]] = [[] for _ in prompts]
+        done = [max_new_tokens == 0] * len(prompts)
+        logits = torch.stack(last)
+        for step in range(max_new_tokens):
+            nxt = sample(logits.float().cpu(), temperature, top_p, gen)
+            for b, t in enumerate(nxt.tolist()):
+                if not done[b]:
+                    out[b].append(t)
+                    done[b] = t in stops or len(out[b]) == max_new_tokens
+            if all(done) or step == max_new_tokens - 1:
+                break
+            pos = torch.tensor([len(p) + step for p in prompts], dtype=torch.int64)
+            logits = self.decode(nxt.unsqueeze(1), pos, session)[:, 0]
+        return out
+
+    def _check_prompts(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, (list, tuple)) and p for p in prompts):
+            raise InputError("prompts: expected a non-empty list of non-empty token id lists")
+        if len(prompts) > self.max_batch:
+            raise InputError(f"{len(prompts)} prompts; this engine serves at most {self.max_batch} at once")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens {max_new_tokens!r}; expected an int >= 0")
+        for i, p in enumerate(prompts):
+            bad = [t for t in p if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InputError(f"prompt {i}: token id {bad[0]!r} outside [0, {self.vocab_size})")
+            if len(p) + max_new_tokens > self.max_len:
+                raise InputError(f"prompt {i}: {len(p)} tokens + {max_new_tokens} new exceeds this engine's "
+                                 f"max_len {self.max_len}")
+
+
+class _DecodeGraph:
+    """CUDA-graph capture of the decode model for one batch size and one set of cache tensors; replays copy
+    tokens / positions into static buffers. Written against torch.cuda.CUDAGraph; NOT tested (no GPU here)."""
+
+    def __init__(self, model: Any, caches: list[Tensor], batch: int, device: torch.device) -> None:
+        self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+        self.start_pos = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.caches = caches
+        snapshot = [t.clone() for t in caches]  # warm-up and capture run the model: restore the caches after
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            model(self.tokens, self.start_pos, *caches)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            out = model(self.tokens, self.start_pos, *caches)
+        self.logits = out[0] if isinstance(out, (list, tuple)) else out
+        for t, s in zip(caches, snapshot):
+            t.copy_(s)
+
+    def __call__(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
+        self.tokens.copy_(tokens)
+        self.start_pos.copy_(start_pos)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+def load_engine(path: str | Path, *, device: str | torch.device | None = None) -> Engine:
+    """Open an engine directory: checks format version, sha256 of every file, arch and torch version
+    (EngineError naming what differs), then loads the prefill and decode models."""
+    root = Path(path)
+    manifest = mf.read_manifest(root)
+    mf.verify_files(root, manifest)
+    mf.verify_arch(manifest, mf.machine_arch())
+    mf.verify_torch(manifest)
+    dev = torch.device(device if device is not None else ("cpu" if manifest["arch"] == "cpu" else "cuda"))
+    from torch._inductor.package import load_package
+
+    models = {}
+    shared = manifest["entry_points"].get("decode", {}).get("program") == "prefill"
+    for name in ("prefill",) if shared else ("prefill", "decode"):
+        try:
+            models[name] = load_package(str(root / mf.PACKAGE), model_name=name)
+        except Exception as e:  # the loader raises RuntimeError with long C++ traces
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EngineError(f"{root / mf.PACKAGE}: cannot load model {name!r}: {first}") from e
+    if shared:  # the cpu target packages one program under both names: load its weights once
+        models["decode"] = models["prefill"]
+    log.info("loaded engine %s (target %s, %s)", root, manifest["target"], manifest.get("precision"))
+    return Engine(root, manifest, models, dev)
