@@ -16,10 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from v4compile.model.config import ModelConfig
-
-
-def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+from v4compile.validate import max_rel_err
 
 
 def run_demo(preset: str = "tiny", prompt_len: int = 48, new_tokens: int = 24, seed: int = 0,
@@ -50,7 +47,7 @@ def run_demo(preset: str = "tiny", prompt_len: int = 48, new_tokens: int = 24, s
                 t_decode += time.perf_counter() - t0
                 step_logits.append(logits[:, -1])
             full = model(tokens)  # one fresh prefill of the whole sequence, no cache reuse
-        err = max(_max_rel(s, full[:, prompt_len + i]) for i, s in enumerate(step_logits))
+        err = max(max_rel_err(s, full[:, prompt_len + i]) for i, s in enumerate(step_logits))
         result[name] = {
             "generated": tokens[0, prompt_len:].tolist(),
             "prefill_tokens_per_s": prompt_len / t_prefill,

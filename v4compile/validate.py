@@ -23,6 +23,11 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(1 - 2 * (x64 * y64).sum() / denom)
 
 
+def max_rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max|x - y| / max|y| (the reference is y): the decode-vs-prefill and pass-parity measure."""
+    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+
+
 def nonfinite_mismatch(x: torch.Tensor, y: torch.Tensor) -> int:
     """Number of positions where inf/NaN patterns of x and y differ (NaN vs NaN, +inf vs +inf are equal)."""
     xn, yn = torch.isnan(x), torch.isnan(y)

@@ -12,6 +12,7 @@ from v4compile.graph.capture import capture, load_graph, save_graph
 from v4compile.graph.passes._common import op_counts
 from v4compile.model.config import ModelConfig
 from v4compile.model.reference import ReferenceModel
+from v4compile.validate import max_rel_err as rel_err
 
 MAX_LEN = 64
 
@@ -32,10 +33,6 @@ def prefill(model):
 @pytest.fixture(scope="module")
 def decode(model):
     return capture(model, "decode", max_len=MAX_LEN)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def assert_caches_equal(got: list[torch.Tensor], want: list[torch.Tensor], names: list[str]) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from v4compile.model.config import ModelConfig
 from v4compile.model.reference import ReferenceModel
+from v4compile.validate import max_rel_err as rel_err
 
 TOL = 1e-4
 
@@ -21,10 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model() -> ReferenceModel:
     """tiny with REAL routing (top-2 experts, index_topk 4): chunk invariance must hold with selection on."""
     return ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.float32, seed=11)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def toks(model: ReferenceModel, b: int, n: int, seed: int) -> torch.Tensor:

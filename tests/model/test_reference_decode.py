@@ -14,15 +14,12 @@ import torch
 
 from v4compile.model.config import ModelConfig
 from v4compile.model.reference import ReferenceModel
+from v4compile.validate import max_rel_err as rel_err
 
 TOL = 1e-4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def deterministic(cfg: ModelConfig) -> ModelConfig:

@@ -14,6 +14,7 @@ from v4compile.quant.formats import (
     fake_quant_fp4, fake_quant_fp8, float_to_e8m0, fp4_linear_reference, fp8_linear_reference, infer_block,
     pack_fp4, quant_fp4_block, quant_fp8_act, quant_fp8_block, round_e2m1, round_e4m3, ue8m0_scale, unpack_fp4,
 )
+from v4compile.validate import calc_diff
 
 E4M3_NAN_BYTES = (0x7F, 0xFF)
 
@@ -333,11 +334,6 @@ def test_quant_fp8_act():
 # ---------------------------------------------------------------------------------------------- linears
 
 
-def _calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double(), y.double()
-    return float(1 - 2 * (x * y).sum() / (x * x + y * y).sum())
-
-
 def test_fp8_linear_reference_equals_block_formulation():
     g = torch.Generator().manual_seed(8)
     x = torch.randn(5, 384, generator=g).bfloat16()
@@ -353,7 +349,7 @@ def test_fp8_linear_reference_equals_block_formulation():
         acc += part * xs[:, k:k + 1].double() * wsf[:, k].repeat_interleave(128)[:200].double()[None, :]
     y32 = fp8_linear_reference(x, wq, ws, out_dtype=torch.float32)
     assert torch.allclose(y32.double(), acc, rtol=1e-5, atol=1e-5)
-    assert _calc_diff(y32, x.float() @ w.T) < 1e-3
+    assert calc_diff(y32, x.float() @ w.T) < 1e-3
 
 
 def test_fp4_linear_reference():
@@ -365,6 +361,6 @@ def test_fp4_linear_reference():
     assert y.dtype == torch.float32 and y.shape == (4, 96)
     want = fake_quant_fp8(x, 128).double() @ dequant_fp4_block(wp, ws).double().T
     assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
-    assert _calc_diff(y, x @ w.T) < 2e-2  # e2m1 weights: ~1% relative error
+    assert calc_diff(y, x @ w.T) < 2e-2  # e2m1 weights: ~1% relative error
     with pytest.raises(ValueError, match="does not fit"):
         fp4_linear_reference(x[:, :128], wp, ws)
