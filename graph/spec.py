@@ -3,7 +3,8 @@
 Always: the FX graph lints; every call_function is an OpOverload (aten / v4) or a getitem / symbolic-int
 helper; every node that returns a value carries meta['val']; each cache input of a main layer is written
 by exactly one node and the MTP blocks' caches (not run by these entry points) by none. After each pass,
-the ops it replaces are gone (cumulatively) and the fused ops number what the config says.
+the ops it replaces are gone (cumulatively) and the fused ops number what the config says. After
+quantize_moe_experts every v4::moe_experts node reads e4m3 expert weights with e8m0 / f32 block scales.
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def describe(n: fx.Node) -> str:
 
 def verify_graph(g: Captured, after: str | None) -> None:
     """Check `g` against the stage reached after pass `after` (None: freshly captured)."""
-    from v4compile.graph.passes import PASS_NAMES
+    from v4compile.graph.passes import PASS_ORDER
 
     stage = "capture" if after is None else after
-    done = [] if after is None else PASS_NAMES[:PASS_NAMES.index(after) + 1]
+    done = [] if after is None else PASS_ORDER[:PASS_ORDER.index(after) + 1]
     gm = g.graph_module
     try:
         gm.graph.lint()
@@ -60,6 +61,8 @@ def verify_graph(g: Captured, after: str | None) -> None:
                     and not _window_ring_write(n, g):
                 raise GraphSpecError(f"after {stage}: {describe(n)} should have been fused by {p}")
     _check_counts(g, stage, done)
+    if "quantize_moe_experts" in done:
+        _check_fp8_experts(g, stage)
 
 
 def _check_node(n: fx.Node, stage: str) -> None:
@@ -73,6 +76,7 @@ def _check_node(n: fx.Node, stage: str) -> None:
         raise GraphSpecError(f"after {stage}: {describe(n)} has no meta['val'] (a pass forgot fake propagation)")
     if n.target in (torch.ops.v4.csa_attention.default, torch.ops.v4.hca_attention.default):
         q, out = n.args[0].meta["val"], n.meta["val"]
+        out = out[0] if isinstance(out, (tuple, list)) else out  # csa_attention: (o, picks)
         if out.dtype != q.dtype or out.shape != q.shape:
             raise GraphSpecError(f"after {stage}: {describe(n)}: expected q's {q.dtype} {list(q.shape)}")
 
@@ -123,3 +127,26 @@ def _check_counts(g: Captured, stage: str, done: list[str]) -> None:
         if counts[op] != n:
             raise GraphSpecError(f"after {stage}: {counts[op]} {op} nodes; the config has {n} "
                                  f"(layer kinds {kinds})")
+
+
+_EXPERT_ARGS = (("w1", 3), ("w3", 5), ("w2", 7))  # v4::moe_experts argument index of each weight (scale next)
+
+
+def _check_fp8_experts(g: Captured, stage: str) -> None:
+    """No v4::moe_experts node may read BF16 / FP4 (or any non-e4m3) expert weights after quantize_moe_experts."""
+    for n in g.graph_module.graph.nodes:
+        if n.op != "call_function" or n.target is not torch.ops.v4.moe_experts.default:
+            continue
+        stack = n.meta.get("nn_module_stack") or {}
+        layer = next(reversed(stack.values()))[0] if stack else "?"
+        for name, i in _EXPERT_ARGS:
+            w, s = n.args[i].meta.get("val"), n.args[i + 1].meta.get("val")
+            if not isinstance(w, torch.Tensor) or w.dtype != torch.float8_e4m3fn or not isinstance(s, torch.Tensor) \
+                    or s.dtype not in (torch.float8_e8m0fnu, torch.float32):
+                raise GraphSpecError(f"after {stage}: {describe(n)} of {layer} reads {name} expert weights "
+                                     f"{n.args[i].name} ({_what(w)}) with scale {_what(s)}; after quantize_moe_experts "
+                                     "expert weights must be float8_e4m3fn with float8_e8m0fnu / float32 block scales")
+
+
+def _what(t) -> str:
+    return f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

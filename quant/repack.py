@@ -130,7 +130,7 @@ def quantize_bf16_to_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128), s
     ref = w.float()
     err = _block_view((dequant_fp8_block(q, s, block) - ref).abs(), block)
     O, I = w.shape[-2:]
-    ones = _block_view(torch.ones(O, I), block).sum(-1)  # real (unpadded) elements per block
+    ones = _block_view(torch.ones(O, I, device=w.device), block).sum(-1)  # real (unpadded) elements per block
     rms = (err.double().square().sum(-1) / ones).sqrt().float()
     return q, s, QuantReport(block=block, max_abs_err=err.amax(-1), rms_err=rms,
                              calc_diff=calc_diff(ref, dequant_fp8_block(q, s, block)))

@@ -2,7 +2,8 @@
 
 Each pass is `pass(g: Captured, cfg: ModelConfig) -> Captured`, rewriting `g.program`'s graph in place and
 keeping numerics exact (fused ops compose the primitive ops' reference bodies). Passes that change numerics on
-purpose (quantisation) live in v4compile.quant and say so.
+purpose (quantisation) live in v4compile.quant and say so; they run after PIPELINE for the precisions that need
+them (PRECISION_PASSES; `pipeline_for(precision)` is the full list for a build).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from v4compile.errors import InputError
 from v4compile.graph.capture import Captured
@@ -19,6 +21,7 @@ from v4compile.graph.passes.fuse_mhc import fuse_mhc
 from v4compile.graph.passes.fuse_norm_into_linear_quant import fuse_norm_into_linear_quant
 from v4compile.graph.passes.remove_dead_code import remove_dead_code
 from v4compile.model.config import ModelConfig
+from v4compile.quant.passes import quantize_moe_experts
 
 log = logging.getLogger(__name__)
 
@@ -32,29 +35,52 @@ PIPELINE: list[Pass] = [
     remove_dead_code,  # index math, casts and views the fusions left unused
 ]
 
+PRECISION_PASSES: dict[str, list[Pass]] = {
+    "fp32": [],
+    "bf16": [],
+    "fp8": [quantize_moe_experts],  # routed experts (MXFP4 / BF16) -> e4m3 + block scales, exact repack verified
+}
+
 PASS_NAMES = [p.__name__ for p in PIPELINE]
+PASS_ORDER = PASS_NAMES + [p.__name__ for p in PRECISION_PASSES["fp8"]]
+"""Every pass in the order any pipeline runs it (each precision's pipeline is a prefix-ordered subset)."""
 
 
-def check_pass_name(name: str | None) -> None:
-    if name is not None and name not in PASS_NAMES:
-        raise InputError(f"unknown pass {name!r}; the pipeline is {', '.join(PASS_NAMES)}")
+def pipeline_for(precision: str) -> list[Pass]:
+    """The passes a build at `precision` runs: PIPELINE, then that precision's quantisation passes."""
+    if precision not in PRECISION_PASSES:
+        raise InputError(f"precision {precision!r}; expected one of {', '.join(PRECISION_PASSES)}")
+    return [*PIPELINE, *PRECISION_PASSES[precision]]
 
 
-def run_pipeline(g: Captured, *, verify: bool = False, stop_after: str | None = None,
+def check_pass_name(name: str | None, precision: str = "fp32") -> None:
+    names = [p.__name__ for p in pipeline_for(precision)]
+    if name is not None and name not in names:
+        raise InputError(f"unknown pass {name!r}; the {precision} pipeline is {', '.join(names)}")
+
+
+def run_pipeline(g: Captured, *, precision: str = "fp32", pass_options: dict[str, dict[str, Any]] | None = None,
+                 verify: bool = False, stop_after: str | None = None,
                  dump_after: str | None = None, dump_dir: str | Path | None = None,
                  on_pass: Callable[[str, Captured], None] | None = None) -> Captured:
-    """Run PIPELINE on `g` in order (in place). verify: run graph/spec.py's verifier after every pass;
-    stop_after: the last pass to run; dump_after: write that pass's graph (text) to dump_dir or log it;
-    on_pass(name, g) is called after each pass (tests use it for numeric checks)."""
+    """Run pipeline_for(precision) on `g` in order (in place). pass_options: keyword arguments per pass name
+    (e.g. {"quantize_moe_experts": {"allow_lossy": True}}; options of a pass this precision does not run are
+    ignored); verify: run graph/spec.py's verifier after every pass; stop_after: the last pass to run;
+    dump_after: write that pass's graph (text) to dump_dir or log it; on_pass(name, g) is called after each
+    pass (tests use it for numeric checks)."""
     from v4compile.graph.spec import verify_graph
 
-    check_pass_name(stop_after)
-    check_pass_name(dump_after)
+    check_pass_name(stop_after, precision)
+    check_pass_name(dump_after, precision)
+    options = pass_options or {}
+    unknown = sorted(set(options) - set(PASS_ORDER))
+    if unknown:
+        raise InputError(f"pass_options for unknown passes {unknown}; the passes are {', '.join(PASS_ORDER)}")
     if verify:
         verify_graph(g, after=None)
-    for p in PIPELINE:
+    for p in pipeline_for(precision):
         name = p.__name__
-        g = p(g, g.cfg)
+        g = p(g, g.cfg, **options.get(name, {}))
         if verify:
             verify_graph(g, after=name)
         if name == dump_after:

@@ -493,8 +493,8 @@ def _expert_input(x: Tensor, w: Tensor) -> Tensor:
 def _expert_mm(xin: Tensor, w: Tensor, s: Tensor, act: torch.dtype) -> Tensor:
     if w.dtype == torch.int8:  # same formulation as quant.formats.fp4_linear_reference, acc_dtype accumulation
         w = qf.dequant_fp4_block(w, s, block=32)
-    elif w.dtype == torch.float8_e4m3fn:
-        w = qf.dequant_fp8_block(w, s, block=(128, 128))
+    elif w.dtype == torch.float8_e4m3fn:  # 128x128 scales, or the finer blocks of an exact MXFP4 repack
+        w = qf.dequant_fp8_block(w, s)
     return linear_acc(xin, w, act).to(act)
 
 
