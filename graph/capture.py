@@ -3,7 +3,9 @@
 Both entry points take `(tokens [B, T] int64, start_pos [B] int64, *cache tensors)` and return logits
 f32 [B, T, V]; the caches (`Cache.named_tensors()` order, MTP blocks included) are graph inputs that the
 graph updates in place. Prefill has a dynamic batch and length, decode one token per sequence and a
-dynamic batch; the cache capacity (`max_len`) is fixed per capture. start_pos is a tensor, so no graph
+dynamic batch; "trace" is prefill that also returns the per-layer data `v4compile validate` compares
+(`trace_outputs`: every layer's mHC streams, every CSA layer's indexer picks, every MoE layer's expert ids).
+The cache capacity (`max_len`) is fixed per capture. start_pos is a tensor, so no graph
 specialises on a position. torch.export's default (training) IR keeps each v4 op, mutating ones
 included, as one node. On the meta device the capture runs on fake weights (structure checks only).
 """
@@ -27,7 +29,14 @@ from v4compile.model.reference import ReferenceModel
 
 log = logging.getLogger(__name__)
 
-ENTRY_POINTS = ("prefill", "decode")
+ENTRY_POINTS = ("prefill", "decode", "trace")
+
+
+def trace_outputs(cfg: ModelConfig) -> list[str]:
+    """Output names of the trace entry point, in order: logits, hidden.{i}, indexer.{csa i}, experts.{i}."""
+    csa = [i for i in range(cfg.n_layers) if cfg.layer_kind(i) == "csa"]
+    return (["logits"] + [f"hidden.{i}" for i in range(cfg.n_layers)] + [f"indexer.{i}" for i in csa]
+            + [f"experts.{i}" for i in range(cfg.n_layers)])
 
 
 class EntryPoint(nn.Module):
@@ -52,11 +61,24 @@ class EntryPoint(nn.Module):
                      device=self.model.device)
 
 
+class TraceEntryPoint(EntryPoint):
+    """`(tokens, start_pos, *caches) -> (logits, *per-layer tensors)` in `trace_outputs(cfg)` order."""
+
+    def forward(self, tokens: Tensor, start_pos: Tensor, *caches: Tensor) -> tuple[Tensor, ...]:
+        trace: dict = {}
+        logits = self.model(tokens, start_pos, self.cache_from(caches, tokens.shape[0]), trace=trace)
+        out = [logits]
+        for name in trace_outputs(self.model.cfg)[1:]:
+            kind, i = name.split(".")
+            out.append(trace[kind][int(i)])
+        return tuple(out)
+
+
 @dataclass
 class Captured:
     """One exported entry point and what a caller needs to feed it."""
 
-    entry: str  # "prefill" | "decode"
+    entry: str  # "prefill" | "decode" | "trace"
     program: ExportedProgram
     cfg: ModelConfig
     cache_names: list[str]
@@ -82,7 +104,7 @@ def example_inputs(model: ReferenceModel, entry: str, batch: int, seq: int, max_
 
 
 def _entry_len(entry: str, seq: int) -> int:
-    if entry == "prefill":
+    if entry in ("prefill", "trace"):
         return seq
     elif entry == "decode":
         return 1
@@ -99,14 +121,14 @@ def capture(model: ReferenceModel, entry: str = "prefill", *, max_len: int | Non
     """
     cfg = model.cfg
     max_len = cfg.max_seq_len if max_len is None else max_len
-    if batch < 2 or (entry == "prefill" and not 2 <= seq <= max_len):
+    if batch < 2 or (entry != "decode" and not 2 <= seq <= max_len):
         raise InputError(f"capture example sizes batch={batch}, seq={seq}: need batch >= 2 and 2 <= seq <= "
                          f"max_len={max_len} (size-1 dims would be specialised)")
     args = example_inputs(model, entry, batch, seq, max_len)
     names = list(model.new_cache(1, max_len).named_tensors())
-    wrapper = EntryPoint(model, names, max_len)
+    wrapper = (TraceEntryPoint if entry == "trace" else EntryPoint)(model, names, max_len)
     b = Dim("batch", min=1, max=max(cfg.max_batch_size, batch))
-    tok_dims = {0: b, 1: Dim("seq", min=1, max=max_len)} if entry == "prefill" else {0: b}
+    tok_dims = {0: b, 1: Dim("seq", min=1, max=max_len)} if entry != "decode" else {0: b}
     dynamic = (tok_dims, {0: b}, tuple({0: b} for _ in names))
     t0 = time.perf_counter()
     try:
@@ -116,7 +138,14 @@ def capture(model: ReferenceModel, entry: str = "prefill", *, max_len: int | Non
         raise ExportError(f"torch.export of {type(model).__name__}'s {entry} entry point (dim {cfg.dim}, "
                           f"{cfg.n_layers} layers) failed: {_reason(e)}") from e
     log.info("captured %s in %.1fs (%d nodes)", entry, time.perf_counter() - t0, len(program.graph.nodes))
-    return Captured(entry, program, cfg, names, max_len)
+    captured = Captured(entry, program, cfg, names, max_len)
+    if entry == "trace":
+        # the model's trace also computes values no output uses (indexer scores, router scores); erased now,
+        # their extra users would block fusions (remove_dead_code keeps every node that writes an input)
+        from v4compile.graph.passes.remove_dead_code import remove_dead_code
+
+        remove_dead_code(captured, cfg)
+    return captured
 
 
 def _reason(e: Exception) -> str:

@@ -49,10 +49,12 @@ def csa_attention(q: Tensor, kv: Tensor, start_pos: Tensor, ring: Tensor, kv_pro
                   ape: Tensor, norm_weight: Tensor, inv_freq: Tensor, kv_state: Tensor, score_state: Tensor,
                   kv_cache: Tensor, idx_q: Tensor, idx_weights: Tensor, idx_kv_proj: Tensor, idx_gate_proj: Tensor,
                   idx_ape: Tensor, idx_norm_weight: Tensor, idx_kv_state: Tensor, idx_score_state: Tensor,
-                  idx_cache: Tensor, sink: Tensor, scale: float, norm_eps: float, topk: int) -> Tensor:
+                  idx_cache: Tensor, sink: Tensor, scale: float, norm_eps: float,
+                  topk: int) -> tuple[Tensor, Tensor]:
     """One CSA layer's attention: q [B, T, H, D], kv [B, T, D] (this chunk's raw KV), start_pos [B] ->
-    o [B, T, H, D]; compresses the chunk (main + indexer compressors), scores and picks `topk` complete
-    blocks, attends over window + picks + sink, writes the ring.
+    (o [B, T, H, D], picks int32 [B, T, topk], -1 = none); compresses the chunk (main + indexer compressors),
+    scores and picks `topk` complete blocks, attends over window + picks + sink, writes the ring. The picks
+    output is read only by trace programs (`v4compile validate`); production graphs leave it unused.
 
     == compress(kv) ; compress(idx, rotate) ; topk_select(indexer_scores(idx_q, idx_weights,
        idx_cache[:, :-1], positions, 4), topk) ; sparse_attention(q, cat(ring, kv), window, kv_cache, picks)
@@ -66,14 +68,14 @@ def csa_attention(q: Tensor, kv: Tensor, start_pos: Tensor, ring: Tensor, kv_pro
     n = idx_cache.shape[1] - 1  # the scratch row is never scored
     scores = BODIES["indexer_scores"](idx_q, idx_weights, idx_cache[:, :n], positions, CSA_RATIO)
     picks = BODIES["topk_select"](scores, topk)
-    return _attend_and_write_ring(q, kv, start_pos, ring, kv_cache, picks, sink, scale)
+    return _attend_and_write_ring(q, kv, start_pos, ring, kv_cache, picks, sink, scale), picks
 
 
 @csa_attention.register_fake
 def _(q, kv, start_pos, ring, kv_proj, gate_proj, ape, norm_weight, inv_freq, kv_state, score_state, kv_cache,
       idx_q, idx_weights, idx_kv_proj, idx_gate_proj, idx_ape, idx_norm_weight, idx_kv_state, idx_score_state,
       idx_cache, sink, scale, norm_eps, topk):
-    return torch.empty_like(q)
+    return torch.empty_like(q), q.new_empty(*q.shape[:2], topk, dtype=torch.int32)
 
 
 @_fused("hca_attention", mutates_args=_HCA_MUTATES)

@@ -45,16 +45,21 @@ def _compile(lowered: Lowered, options: dict[str, Any]) -> list:
     return files
 
 
-def package(entries: dict[str, Lowered], path: Path, options: dict[str, Any] | None = None) -> Path:
-    """Compile every entry point and write one .pt2 holding them under their names ('prefill', 'decode');
-    names mapped to the same Lowered object share one compile (the archive still holds one model per name)."""
+def package(entries: dict[str, Lowered], path: Path, options: dict[str, Any] | None = None,
+            seconds: dict[str, float] | None = None) -> Path:
+    """Compile every entry point and write one .pt2 holding them under their names ('prefill', 'decode',
+    'trace'); names mapped to the same Lowered object share one compile (the archive still holds one model per
+    name). seconds: filled with each compiled entry's compile time."""
     from torch._inductor.package import package_aoti
 
     compiled: dict[int, list] = {}  # one compile per distinct program (decode may reuse prefill's)
     files = {}
     for name, lo in entries.items():
         if id(lo) not in compiled:
+            t0 = time.perf_counter()
             compiled[id(lo)] = _compile(lo, dict(options or {}))
+            if seconds is not None:
+                seconds[name] = round(time.perf_counter() - t0, 2)
         files[name] = compiled[id(lo)]
     package_aoti(str(path), files)
     return path

@@ -5,11 +5,33 @@ from __future__ import annotations
 import torch
 
 # kernel vs its reference: DeepGEMM-style calc_diff bound, by the precision of the path.
-TOLERANCES: dict[str, dict[str, float]] = {
+TOLERANCES: dict[str, dict[str, float | None]] = {  # None: reported, not gated
     "kernel": {"fp32": 1e-5, "bf16": 1e-5, "fp8": 1e-3},
-    # whole model, engine vs eager: logits calc_diff by build precision
-    "model_logits": {"fp32": 1e-5, "bf16": 1e-2, "fp8": 1e-2},
+    # whole model, engine vs eager, by build precision (upper bounds unless MODEL_MINIMA lists the key).
+    # fp32 differs from eager only in summation order. bf16 bounds sit above the eager model's own noise: tiny
+    # bf16, half prefill + token-by-token decode vs one prefill of the same tokens (prompts 56/31/7) measured
+    # logits calc_diff <= 7.7e-3, max rel err <= 0.26, KL mean <= 7.6e-3 / max <= 0.066, top-1 >= 0.74 (seeded
+    # weights: flat logits, near-ties), hidden calc_diff <= 7.7e-3, indexer overlap >= 0.93, experts >= 0.93.
+    # At long context the eager model's own bf16 noise is larger: the shipped demo model, an 8252-token random
+    # prompt prefilled in one call vs in two chunks (same tokens, bf16) gives calc_diff 5.1e-4, max rel err 0.54,
+    # KL mean 0.039 / max 7.56, top-1 0.90 (4127 tokens: KL mean 0.010 / max 1.68): one flipped top-k or routing
+    # near-tie moves one position's distribution arbitrarily far. So for bf16 / fp8 the worst-position measures
+    # (max rel err, KL max) are reported, not gated (None), and the KL mean bound allows 2.5x that noise.
+    # fp8 (GPU only, not measured yet) takes the bf16 values.
+    "model_logits": {"fp32": 1e-5, "bf16": 1e-2, "fp8": 1e-2},  # logits calc_diff (also the build-time check)
+    "model_logits_rel": {"fp32": 1e-3, "bf16": None, "fp8": None},  # max|engine - ref| / max|ref| of the logits
+    "model_kl_mean": {"fp32": 1e-6, "bf16": 0.1, "fp8": 0.1},  # KL(ref || engine), mean over positions
+    "model_kl_max": {"fp32": 1e-5, "bf16": None, "fp8": None},  # KL(ref || engine), worst position
+    "model_top1": {"fp32": 1.0, "bf16": 0.7, "fp8": 0.7},  # share of positions with the same argmax (minimum)
+    "model_hidden": {"fp32": 1e-5, "bf16": 1e-2, "fp8": 1e-2},  # calc_diff of each layer's mHC streams
+    "model_indexer_overlap": {"fp32": 0.99, "bf16": 0.8, "fp8": 0.8},  # mean top-k set overlap per CSA layer (min)
+    "model_expert_agreement": {"fp32": 0.99, "bf16": 0.8, "fp8": 0.8},  # mean expert-set overlap per MoE layer (min)
+    # MoE block, BF16 experts quantised to e4m3 (+ FP8 activations) vs the BF16-expert block: 2.2e-3 measured on tiny
+    "moe_block_fp8_vs_bf16": {"fp8": 4e-3},
 }
+
+MODEL_MINIMA = frozenset({"model_top1", "model_indexer_overlap", "model_expert_agreement"})
+"""Table keys whose value is a lower bound (agreement shares); every other model_* key is an upper bound."""
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -54,3 +76,14 @@ def assert_kernel_close(out: torch.Tensor, ref: torch.Tensor, precision: str, wh
         raise AssertionError(f"{what}: calc_diff {diff:.3e} >= {tol:.0e} ({precision}); worst at "
                              f"{[int(c) for c in coord]}: {out.flatten()[i].item()} vs {ref.flatten()[i].item()}")
     return diff
+
+
+_PUBLIC = {"validate": "v4compile.parity_run", "ParityReport": "v4compile.parity", "Metric": "v4compile.parity"}
+
+
+def __getattr__(name: str):  # the public home of validate / ParityReport; their modules import this one
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

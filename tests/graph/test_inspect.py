@@ -29,7 +29,9 @@ def test_inspect_after_pass_json_lists_that_stage(tmp_path):
     ops = [row["op"] for row in g["listing"]]
     assert ops.count("v4.csa_attention") == 2 and ops.count("v4.compress") == 1 and "v4.hc_mix" not in ops
     csa = next(row for row in g["listing"] if row["op"] == "v4.csa_attention")
-    assert csa["inputs"][2] == "start_pos" and re.fullmatch(r"bfloat16\[\w+, 1, 8, 96\]", csa["output"])
+    # (o, picks): the fused op also returns its indexer picks (read only by trace programs)
+    assert csa["inputs"][2] == "start_pos" and re.fullmatch(r"\(bfloat16\[\w+, 1, 8, 96\], int32\[\w+, 1, 4\]\)",
+                                                             csa["output"])
 
 
 def test_inspect_graph_prints_fused_counts_for_bench():

@@ -192,7 +192,9 @@ def test_fused_graph_save_load_round_trip(tmp_path, model, pipeline_run):
 
     g = pipeline_run["fused"]
     loaded = load_graph(save_graph(g, tmp_path / "fused.pt2"))
-    assert op_counts(loaded.graph_module) == op_counts(g.graph_module)
+    # the serializer writes one getitem per output of a multi-output op (csa_attention's unused picks too)
+    no_getitem = lambda c: {k: v for k, v in c.items() if k != "getitem"}  # noqa: E731
+    assert no_getitem(op_counts(loaded.graph_module)) == no_getitem(op_counts(g.graph_module))
     cache = prepared_cache(model, [3, 9], seed=9)
     tok = torch.randint(0, model.cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(10))
     sp = torch.tensor([3, 9])

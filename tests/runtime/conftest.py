@@ -22,9 +22,10 @@ def eager():
 
 @pytest.fixture(scope="session")
 def engine_dir(tmp_path_factory, eager):
-    """tiny, cpu target, fp32, max_batch 4, max_len 64, build-time parity check on (a few minutes on 2 cores)."""
+    """tiny, cpu target, fp32, max_batch 4, max_len 64, build-time parity check on, with the trace program that
+    `validate` reads per-layer data from (a few minutes on 2 cores; the trace program is one more compile)."""
     out = tmp_path_factory.mktemp("engines") / "tiny.engine"
-    return build(eager, "cpu", "fp32", out, max_batch=MAX_BATCH, max_len=MAX_LEN, progress=False)
+    return build(eager, "cpu", "fp32", out, max_batch=MAX_BATCH, max_len=MAX_LEN, progress=False, trace=True)
 
 
 @pytest.fixture(scope="session")

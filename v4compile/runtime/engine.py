@@ -91,6 +91,42 @@ class Engine:
             raise InputError(f"decode tokens: expected [B] or [B, 1], got {list(tokens.shape)}")
         return self._call("decode", tokens, start_pos, session, slots)
 
+    def trace(self, tokens: Tensor, start_pos: Tensor | int = 0, session: Session | None = None,
+              slots: Sequence[int] | None = None) -> dict[str, Any]:
+        """Prefill through the engine's "trace" program (built with `--trace`): {"logits": f32 [B, T, V],
+        "hidden": {layer: [B, T, hc, d]}, "indexer": {csa layer: int32 [B, T, k]}, "experts": {layer: [B, T, k]}}
+        - the keys of the reference model's `trace` dict. session None: a fresh one (start_pos 0)."""
+        spec = self.manifest["entry_points"].get("trace")
+        if spec is None:
+            raise EngineError(f"engine {self.root} has no trace program (build it with --trace / "
+                              "build(..., trace=True))")
+        if "trace" not in self.models:  # loaded on first use: only validation runs it
+            from torch._inductor.package import load_package
+
+            try:
+                self.models["trace"] = load_package(str(self.root / mf.PACKAGE), model_name="trace")
+            except Exception as e:  # the loader raises RuntimeError with long C++ traces
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise EngineError(f"{self.root / mf.PACKAGE}: cannot load model 'trace': {first}") from e
+        if session is None:
+            if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+                raise InputError(f"tokens: expected an int tensor [B, T], got {getattr(tokens, 'shape', type(tokens))}")
+            session = self.new_session(int(tokens.shape[0]))
+        slots = list(range(session.batch)) if slots is None else list(slots)
+        tokens, sp = self._check(tokens, start_pos, len(slots))
+        caches = session.caches if len(slots) == session.batch else session.rows(slots)
+        outs = self.models["trace"](tokens, sp, *caches)
+        names = spec["outputs"]
+        if len(outs) != len(names):
+            raise EngineError(f"trace program returned {len(outs)} tensors; the manifest lists {len(names)}")
+        for b, e in zip(slots, (sp + tokens.shape[1]).tolist()):
+            session.positions[b] = e
+        result: dict[str, Any] = {"logits": outs[0]}
+        for name, t in zip(names[1:], outs[1:]):
+            kind, layer = name.split(".")
+            result.setdefault(kind, {})[int(layer)] = t
+        return result
+
     def _call(self, entry: str, tokens: Tensor, start_pos: Tensor | int, session: Session,
               slots: Sequence[int] | None) -> Tensor:
         slots = list(range(session.batch)) if slots is None else list(slots)
