@@ -117,7 +117,98 @@ class Lowered:
     kernels: dict[str, str]  # "v4::op" -> implementation name or "reference"
 
 
-def _choose(node: torch.fx.Node, target: Target) -> tuple[Callable, str]:
+class _KernelTable(dict):
+    """BODIES-like table for a fused op's body on a registry target: each primitive the body calls is looked
+    up in the kernel registry with the arguments it is traced with (FakeTensors during export), falling back to
+    the primitive's reference body; `chosen` records what every primitive got."""
+
+    def __init__(self, target: Target) -> None:
+        super().__init__()
+        self.target, self.current = target, "?"
+        self.chosen: dict[str, dict[str, set[str]]] = {}  # fused op -> primitive -> implementations
+
+    def composed(self, name: str) -> Callable:
+        """The fused op's body, noting which fused op the primitives it calls belong to."""
+        body = FUSED_BODIES[name]
+
+        def fn(*args, **kwargs):
+            self.current = name
+            return body(*args, **kwargs)
+
+        return fn
+
+    def __missing__(self, name: str) -> Callable:
+        from v4compile.plugins import registry
+
+        def call(*args, **kwargs):
+            entry = registry.lookup(f"v4::{name}", self.target.name, *args, **kwargs)
+            fn, label = (entry.fn, entry.name) if entry is not None else (reference_impl(name), "reference")
+            self.chosen.setdefault(self.current, {}).setdefault(name, set()).add(label)
+            return fn(*args, **kwargs)
+
+        return call
+
+
+@contextlib.contextmanager
+def _fused_bodies_using(table: dict) -> Iterator[None]:
+    """The fused ops' bodies (graph/fused_ops.py) call their primitives through the module-level BODIES table:
+    while lowering for a registry target it is swapped for a _KernelTable, so tracing a fused body yields the
+    registry kernels of its parts (e.g. csa_attention -> compress, indexer_scores, topk_select, sparse_attention
+    kernels) instead of their reference bodies."""
+    from v4compile.graph import fused_ops
+
+    saved = fused_ops.BODIES
+    fused_ops.BODIES = table
+    try:
+        yield
+    finally:
+        fused_ops.BODIES = saved
+
+
+def widen_e8m0_constants(gm: torch.fx.GraphModule) -> int:
+    """Replace every float8_e8m0fnu constant (UE8M0 weight scales) by the same values in float32.
+
+    Exact: each e8m0 byte is a power of two 2^-127..2^127 (NaN stays NaN), all float32 values, and every op
+    body and kernel accepts float32 scales; code that reads the raw bytes (`view(torch.uint8)`) gets a uint8
+    copy instead. Needed for GPU targets: AOTInductor of torch 2.11 has no e8m0 dtype
+    in its C++ runtime (`aoti_torch_dtype_float8_e8m0fnu` undeclared: measured on the H200). Returns how many."""
+    widened = 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        *path, attr = str(node.target).split(".")
+        owner = gm
+        for part in path:
+            owner = getattr(owner, part)
+        value = getattr(owner, attr, None)
+        if not isinstance(value, Tensor) or value.dtype != torch.float8_e8m0fnu:
+            continue
+        for user in list(node.users):  # model code that reads the raw bytes (view as uint8) gets a uint8 copy
+            if user.op == "call_function" and user.target is torch.ops.aten.view.dtype and user.args[1] == torch.uint8:
+                owner.register_buffer(f"{attr}_bytes", value.view(torch.uint8).clone())
+                with gm.graph.inserting_before(user):
+                    raw = gm.graph.get_attr(f"{node.target}_bytes")
+                raw.meta = dict(user.meta)
+                user.replace_all_uses_with(raw)
+                gm.graph.erase_node(user)
+        wide = value.float()
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+            owner.register_buffer(attr, wide)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = wide
+        else:
+            setattr(owner, attr, wide)
+        widened += 1
+        for user in list(node.users):  # export's dtype assertion before `.float()` would now fail
+            if user.op == "call_function" and user.target is torch.ops.aten._assert_tensor_metadata.default:
+                gm.graph.erase_node(user)
+    if widened:
+        gm.recompile()
+    return widened
+
+
+def _choose(node: torch.fx.Node, target: Target, table: _KernelTable | None) -> tuple[Callable, str]:
     name = node.target._opname
     if target.kernel_policy == "decompose":
         return reference_impl(name), "reference"
@@ -126,9 +217,22 @@ def _choose(node: torch.fx.Node, target: Target) -> tuple[Callable, str]:
 
         _, op, args, kwargs = registry.node_call(node)
         entry = registry.lookup(op, target.name, *args, **kwargs)
-        return (entry.fn, entry.name) if entry is not None else (reference_impl(name), "reference")
+        if entry is not None:
+            return entry.fn, entry.name
+        elif name in FUSED_BODIES and table is not None:
+            return table.composed(name), "composed"  # its parts resolved through `table` while exporting
+        return reference_impl(name), "reference"
     else:
         raise UnsupportedOpError(f"target {target.name}: unknown kernel policy {target.kernel_policy!r}")
+
+
+def _composed_names(kernels: dict[str, str], table: _KernelTable) -> None:
+    """Replace each "composed" manifest entry by the implementations its parts got, e.g.
+    "composed: compress=v4triton::compress, sparse_attention=v4triton::sparse_attention"."""
+    for op, impl in kernels.items():
+        if impl == "composed":
+            parts = table.chosen.get(op.split("::")[-1], {})
+            kernels[op] = "composed: " + ", ".join(f"{k}={'/'.join(sorted(v))}" for k, v in sorted(parts.items()))
 
 
 def lower(g: Captured, target: Target, example: tuple[Tensor, ...], max_batch: int) -> Lowered:
@@ -142,6 +246,9 @@ def lower(g: Captured, target: Target, example: tuple[Tensor, ...], max_batch: i
         gm = g.program.module()
     kernels: dict[str, str] = {}
     counts: Counter[str] = Counter()
+    table = _KernelTable(target) if target.kernel_policy == "registry" else None
+    if target.kernel_policy == "registry":
+        counts["e8m0 scales widened to float32"] = widen_e8m0_constants(gm)
     if target.kernel_policy == "decompose":
         for op in fold_weight_dequant(gm):
             kernels[op] = "reference (weights dequantised at build)"
@@ -150,17 +257,18 @@ def lower(g: Captured, target: Target, example: tuple[Tensor, ...], max_batch: i
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "v4":
             op = f"v4::{node.target._opname}"
-            node.target, kernels[op] = _choose(node, target)
+            node.target, kernels[op] = _choose(node, target, table)
             counts[op] += 1
     gm.recompile()
     b = Dim("batch", min=1, max=max_batch)
-    tok = {0: b, 1: Dim("seq", min=1, max=g.max_len)} if g.entry == "prefill" else {0: b}
+    tok = {0: b, 1: Dim("seq", min=1, max=g.max_len)} if g.entry != "decode" else {0: b}  # prefill, trace
     dynamic = (tok, {0: b}, *({0: b} for _ in g.cache_names))
     try:
         # backed_size_oblivious: contiguity checks must not specialise sizes that can be 1 (e.g. the number of
         # compressed blocks a short chunk can complete); deferred asserts: always-true divisibility guards of
         # reshapes sympy cannot prove become runtime checks instead of export errors.
-        with torch.no_grad(), _whole_chunk_bodies(), fx_config.patch(backed_size_oblivious=True):
+        with torch.no_grad(), _whole_chunk_bodies(), fx_config.patch(backed_size_oblivious=True), \
+                _fused_bodies_using(table if table is not None else BODIES):
             program = torch.export.export(gm, example, dynamic_shapes=dynamic,
                                           prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as e:  # torch raises many unrelated types here; surface one typed error
@@ -171,6 +279,8 @@ def lower(g: Captured, target: Target, example: tuple[Tensor, ...], max_batch: i
                    and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "v4"})
     if target.kernel_policy == "decompose" and left:
         raise UnsupportedOpError(f"target {target.name}: v4 ops left after decomposition: {', '.join(left)}")
+    if table is not None:
+        _composed_names(kernels, table)
     dropped = drop_size_oblivious_asserts(program)
     log.info("lowered %s for %s: %s (%d size-oblivious asserts dropped)", g.entry, target.name, dict(counts), dropped)
     return Lowered(g.entry, program, kernels)

@@ -1,1 +1,6 @@
-"""Triton kernels as torch.library.triton_op, each next to its launcher and torch reference."""
+"""Triton kernels as torch.library.triton_op, each next to its launcher and torch reference.
+
+Importing this package registers every kernel with plugins/registry (the GPU targets' lowering imports it).
+"""
+
+from v4compile.plugins.triton import compressor, indexer_topk, moe_gemm, moe_route, sparse_attention  # noqa: F401
