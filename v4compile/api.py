@@ -33,20 +33,21 @@ MODEL_LOGITS_CALC_DIFF = TOLERANCES["model_logits"]  # the one tolerance table (
 one-token decode vs prefill of the same tokens differs by 8.4e-3, the cpu engine vs eager by 1.7e-3."""
 
 
-def _model_from(source: Any, act_dtype: torch.dtype) -> ReferenceModel:
-    """Preset name, ModelConfig, checkpoint directory or ReferenceModel -> an eval-mode ReferenceModel."""
+def _model_from(source: Any, act_dtype: torch.dtype, device: str = "cpu") -> ReferenceModel:
+    """Preset name, ModelConfig, checkpoint directory or ReferenceModel -> an eval-mode ReferenceModel on the
+    target's device (a given model is moved there)."""
     if isinstance(source, ReferenceModel):
         if source.act_dtype != act_dtype:
             raise ConfigError(f"model activation dtype {source.act_dtype} does not match the precision's {act_dtype}")
-        return source.eval()
+        return source.to(device).eval()
     elif isinstance(source, ModelConfig):
-        return ReferenceModel(source, dtype=act_dtype).eval()
+        return ReferenceModel(source, dtype=act_dtype, device=device).eval()
     elif isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
         from v4compile.model.checkpoint import load_checkpoint
 
-        return load_checkpoint(source, dtype=act_dtype).eval()
+        return load_checkpoint(source, dtype=act_dtype, device=device).eval()
     elif isinstance(source, str):
-        return ReferenceModel(ModelConfig.preset(source), dtype=act_dtype).eval()
+        return ReferenceModel(ModelConfig.preset(source), dtype=act_dtype, device=device).eval()
     else:
         raise ConfigError(f"build source {source!r}: expected a preset name, a ModelConfig, a checkpoint "
                           "directory or a ReferenceModel")
@@ -83,13 +84,25 @@ def _example_len(cfg: ModelConfig, max_len: int) -> int:
 
 def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: str | Path = "engine", *,
           check: bool = True, max_batch: int | None = None, max_len: int | None = None,
-          progress: bool = True, overwrite: bool = False) -> Path:
+          progress: bool = True, overwrite: bool = False, trace: bool = False,
+          allow_lossy_repack: bool = False, via: str = "onnx") -> Path:
     """Compile `source` for `target` into an engine directory `out_dir` (see module doc); returns its path.
 
     check: run the build-time parity check (engine vs eager) and record it in the manifest; a failure raises
     ParityError and leaves no engine. max_batch / max_len default to the config's max_batch_size / max_seq_len.
+    trace: also compile the "trace" program (prefill returning per-layer hidden states, indexer picks and
+    expert ids, through the same passes and lowering) that `validate` uses for its per-layer metrics.
+    allow_lossy_repack: let quantize_moe_experts (fp8) accept a lossy MXFP4 -> FP8 repack (reported).
+    target "tensorrt": ONNX with plugin nodes (+ a TensorRT plan where TensorRT is installed) or, with
+    via="torch_tensorrt", Torch-TensorRT; see targets/tensorrt.py (max_batch / max_len / check as above).
     """
-    from v4compile.graph.capture import capture, example_inputs
+    if target == "tensorrt":
+        from v4compile.targets.tensorrt import TENSORRT, build_tensorrt
+
+        model = _model_from(source, TENSORRT.act_dtype(precision), "cpu")  # exported on the CPU
+        return build_tensorrt(model, out_dir, via=via, precision=precision, max_batch=max_batch, max_len=max_len,
+                              check=check, overwrite=overwrite)
+    from v4compile.graph.capture import capture, example_inputs, trace_outputs
     from v4compile.graph.passes import run_pipeline
     from v4compile.targets import check_machine, get_target
     from v4compile.targets.aoti import WEIGHTS_MODE, package
@@ -103,7 +116,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
         raise InputError(f"output {out} already exists (pass overwrite=True / remove it)")
     stages = _Stages(progress)
     with stages("load model"):
-        model = _model_from(source, act)
+        model = _model_from(source, act, tgt.device)
     cfg = model.cfg
     max_batch = cfg.max_batch_size if max_batch is None else max_batch
     max_len = cfg.max_seq_len if max_len is None else max_len
@@ -115,18 +128,22 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     tmp.mkdir(parents=True)
     try:
         lowered = {}
-        for entry in ("prefill", "decode") if tgt.separate_decode else ("prefill",):
+        entries = ("prefill", "decode") if tgt.separate_decode else ("prefill",)
+        for entry in entries + (("trace",) if trace else ()):
             with stages(f"capture {entry}"):
                 g = capture(model, entry, max_len=max_len)
             with stages(f"passes {entry}"):
-                g = run_pipeline(g)
+                g = run_pipeline(g, precision=precision,
+                                 pass_options={"quantize_moe_experts": {"allow_lossy": allow_lossy_repack}})
             with stages(f"lower {entry} ({tgt.name})"):
                 ex = example_inputs(model, entry, 2, _example_len(cfg, max_len), max_len)
                 lowered[entry] = lower(g, tgt, ex, max(2, max_batch))
         if not tgt.separate_decode:
             lowered["decode"] = lowered["prefill"]  # T = 1 through the dynamic-length program
+        compile_s: dict[str, float] = {}
         with stages("AOTInductor compile + package"):
-            package(lowered, tmp / mf.PACKAGE)
+            package(lowered, tmp / mf.PACKAGE, seconds=compile_s)
+        stages.times.update({f"(within it) compile {name}": s for name, s in compile_s.items()})
         kernels: dict[str, str] = {}
         for lo in lowered.values():
             kernels.update(lo.kernels)
@@ -135,12 +152,14 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
             "triton": _triton_version(), "target": tgt.name, "arch": tgt.arch, "precision": precision,
             "tested_target": tgt.tested, "config": cfg.to_dict(),
             "build": {"max_batch": max_batch, "max_len": max_len, "check": check, "weights": WEIGHTS_MODE,
-                      "stage_seconds": stages.times},
+                      "trace": trace, "source": _source_record(source), "stage_seconds": stages.times},
             "kernels": dict(sorted(kernels.items())),
             "entry_points": {
                 "prefill": {"model": "prefill", "batch": [1, max_batch], "tokens": [1, max_len]},
                 "decode": {"model": "decode", "batch": [1, max_batch], "tokens": [1, 1],
                            "program": "decode" if tgt.separate_decode else "prefill"},
+                **({"trace": {"model": "trace", "batch": [1, max_batch], "tokens": [1, max_len],
+                              "outputs": trace_outputs(cfg)}} if trace else {}),
             },
             "cache": {"max_batch": max_batch, "max_len": max_len, "tensors": mf.cache_layout(cfg, max_len, act)},
             "parity": None,
@@ -157,6 +176,16 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _source_record(source: Any) -> dict[str, str] | None:
+    """What the engine was built from, for `validate` without --preset / --checkpoint (None: a Python object)."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        return {"checkpoint": str(Path(source).resolve())}
+    elif isinstance(source, str):
+        return {"preset": source}
+    else:
+        return None
 
 
 def _triton_version() -> str | None:

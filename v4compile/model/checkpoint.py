@@ -376,6 +376,9 @@ def _materialize_buffers(model, cfg: ModelConfig, device: str | torch.device) ->
 
     for block in [*model.layers, *model.mtp]:
         block.attn.inv_freq = layer_inv_freq(cfg, block.layer_id, device=device)
+        for ew in (block.ffn.experts.w1, block.ffn.experts.w2, block.ffn.experts.w3):
+            if ew.scale.is_meta:  # bf16 experts: the empty non-persistent placeholder scale
+                ew.scale = torch.empty(0, device=device)
     left = [n for n, b in model.named_buffers() if b.is_meta] + [n for n, p in model.named_parameters() if p.is_meta]
     if left:  # a new derived buffer in the model needs a rule here
         raise CheckpointError(f"load_checkpoint: tensors still on the meta device after loading: {left[:5]}")

@@ -364,9 +364,16 @@ _PRO = dict(
     compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0), index_topk=1024, n_routed_experts=384,
     moe_inter_dim=3072, route_scale=2.5,
 )
+_DEMO = dict(  # the shipped retrieval demo model (v4compile.demo_model): 8K context, no MTP
+    vocab_size=512, dim=256, n_layers=4, n_mtp_layers=0, compress_ratios=(0, 4, 128, 4), n_hash_layers=1,
+    n_heads=8, head_dim=96, rope_head_dim=32, q_lora_rank=128, o_groups=2, o_lora_rank=64, window_size=64,
+    index_n_heads=4, index_head_dim=64, index_topk=16, n_routed_experts=8, n_activated_experts=2,
+    n_shared_experts=1, moe_inter_dim=128, max_seq_len=8448, max_batch_size=8,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": _TINY,
     "tiny-128": {**_TINY, "compress_ratios": (0, 4, 128, 4, 0), "max_seq_len": 512},
+    "demo": _DEMO,
     "bench": dict(n_layers=6, compress_ratios=(0, 0, 4, 128, 4, 128, 0), n_hash_layers=3, max_seq_len=16384),
     "flash": _FLASH,
     "pro": _PRO,
