@@ -127,8 +127,8 @@ def _pool_kernel(kvp_ptr, gp_ptr, ape_ptr, nw_ptr, invf_ptr, start_ptr, kvs_ptr,
                  M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
                  SB: tl.constexpr, ROTATE: tl.constexpr):
     """Program (b, i): block j = start // m + i; pool, normalise, rotate, quantise, write if complete."""
-    eps = eps.to(tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
-    hd_scale = hd_scale.to(tl.float32)
+    eps = tl.cast(eps, tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
+    hd_scale = tl.cast(hd_scale, tl.float32)
     b = tl.program_id(0).to(tl.int64)
     s = tl.load(start_ptr + b).to(tl.int64)
     j = s // M + tl.program_id(1)

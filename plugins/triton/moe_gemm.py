@@ -209,7 +209,7 @@ def _gemm1_kernel(a_ptr, as_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, rw_ptr, ids_ptr
                   BM: tl.constexpr, BN: tl.constexpr, EP: tl.constexpr, SCALE_BN: tl.constexpr, SK: tl.constexpr,
                   ROUTE_TILES: tl.constexpr, H_FP8: tl.constexpr, E8M0: tl.constexpr, ROUND: tl.constexpr):
     """h = SwiGLU(x W1^T, x W3^T) * w for one BM x BN tile (gate and up accumulators side by side)."""
-    limit = limit.to(tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
+    limit = tl.cast(limit, tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
     pid = tl.program_id(0)
     n_tiles_n = I // BN
     pn = pid % n_tiles_n

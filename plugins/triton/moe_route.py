@@ -95,7 +95,7 @@ def _router_kernel(x_ptr, g_ptr, bias_ptr, tid_ptr, tok_ptr, part_ptr, w_ptr, id
                    BM: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
                    SPLIT: tl.constexpr, HASH: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr):
     """Logits of BM tokens x all experts over one slice of the hidden dim; epilogue when unsplit."""
-    route_scale = route_scale.to(tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
+    route_scale = tl.cast(route_scale, tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -130,7 +130,7 @@ def _router_reduce_kernel(part_ptr, bias_ptr, tid_ptr, tok_ptr, w_ptr, id_ptr, N
                           BE: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr, SPLIT: tl.constexpr,
                           SPLIT_P: tl.constexpr, HASH: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One token per program: all split partials as one [S, BE] tile, summed (fixed tree order), then the epilogue."""
-    route_scale = route_scale.to(tl.float32)  # fp64 when launched by AOTInductor
+    route_scale = tl.cast(route_scale, tl.float32)  # fp64 when launched by AOTInductor
     row = tl.program_id(0)
     sp = tl.arange(0, SPLIT_P)
     cols = tl.arange(0, BE)

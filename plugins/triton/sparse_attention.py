@@ -109,8 +109,8 @@ def _sparse_attn_kernel(
     SPLIT: tl.constexpr, DOT_PREC: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
 ):
     # float arguments arrive as fp64 when AOTInductor launches the kernel: keep the softmax state in fp32
-    qk_scale = qk_scale.to(tl.float32)
-    sink_scale = sink_scale.to(tl.float32)
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    sink_scale = tl.cast(sink_scale, tl.float32)
     pid_bt = tl.program_id(0)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -168,7 +168,7 @@ def _sparse_attn_kernel(
 def _combine_kernel(part_acc_ptr, part_ml_ptr, sink_ptr, o_ptr, T, H, D, n_split, sink_scale,
                     s_ob, s_ot, s_oh, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the S fp32 partials of one query and BLOCK_H heads, add the sink, write the output."""
-    sink_scale = sink_scale.to(tl.float32)  # fp64 when launched by AOTInductor
+    sink_scale = tl.cast(sink_scale, tl.float32)  # fp64 when launched by AOTInductor
     pid_bt = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
