@@ -9,7 +9,8 @@ mutating ops are traced under functionalization and trip "expected an entirely f
 
 cpu steps, in order: fold_weight_dequant (FP8/FP4 weights of the linears and experts dequantised once),
 fold_constants (the rest of the weight-only math, e.g. compressor projections), swap v4 nodes for bodies,
-export, drop_size_oblivious_asserts. GPU targets (registry policy) skip the two folds.
+export, drop_size_oblivious_asserts. GPU targets (registry policy) skip the two folds, widen UE8M0 scales to
+float32 (widen_e8m0_constants) and compose fused ops without a kernel of their own from their parts' kernels.
 """
 
 from __future__ import annotations

@@ -39,15 +39,18 @@ def _max_batch(m: Any, batch: int) -> int:
 
 def eval_batches(model_or_engine: Any, n: int, context_len: int, seed: int, batch: int = 8,
                  n_records: int = DEFAULT_RECORDS):
-    """Yield (Batch, predicted token [b]) over n seeded eval queries (sequence i depends only on seed, i)."""
+    """Yield (Batch, predicted token [b]) over n seeded eval queries. The queries depend only on (n, context_len,
+    seed, batch): an eager model and an engine that serves fewer sequences per call see the same ones."""
     if n < 1:
         raise InputError(f"retrieval_accuracy: n = {n}; expected >= 1")
     cfg = _cfg_of(model_or_engine)
-    bs = _max_batch(model_or_engine, batch)
-    for i0 in range(0, n, bs):
-        b = sample(min(bs, n - i0), context_len, n_records=n_records, window=cfg.window_size,
+    run = _max_batch(model_or_engine, batch)  # an engine may serve fewer sequences per call than `batch`
+    for i0 in range(0, n, batch):  # sampling depends on (seed, batch) only, never on the model or engine
+        b = sample(min(batch, n - i0), context_len, n_records=n_records, window=cfg.window_size,
                    seed=seed * 1_000_003 + i0)
-        yield b, last_logits(model_or_engine, b.tokens).argmax(-1)
+        preds = [last_logits(model_or_engine, b.tokens[j:j + run]).argmax(-1)
+                 for j in range(0, b.tokens.shape[0], run)]
+        yield b, torch.cat(preds)
 
 
 def retrieval_accuracy(model_or_engine: Any, n: int, context_len: int, seed: int, batch: int = 8,
