@@ -93,6 +93,13 @@ class Captured:
         return self.program.module()
 
 
+def example_len(cfg: ModelConfig, max_len: int) -> int:
+    """Example prefill length for lowering: past two blocks of the largest compress ratio, odd (so no
+    divisibility guard is specialised), within max_len."""
+    want = 2 * max([*cfg.compress_ratios, 2]) + 3
+    return max(2, min(want, max_len - 1))
+
+
 def example_inputs(model: ReferenceModel, entry: str, batch: int, seq: int, max_len: int) -> tuple[Tensor, ...]:
     """Example (tokens, start_pos, *caches) for an entry point: zeros, on the model's device."""
     dev = model.device

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from v4compile.errors import TargetError
+from v4compile.errors import InputError, TargetError
 from v4compile.runtime.manifest import machine_arch
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -40,6 +40,17 @@ class Target:
         if precision not in self.precisions:
             raise TargetError(f"target {self.name} does not build precision {precision!r}; "
                               f"it builds {', '.join(self.precisions)}")
+
+    def engine_limits(self, cfg, max_batch: int | None, max_len: int | None) -> tuple[int, int]:
+        """(max_batch, max_len) of an engine of `cfg` (defaults: the config's max_batch_size / max_seq_len);
+        InputError when outside what this target and the config allow."""
+        max_batch = cfg.max_batch_size if max_batch is None else max_batch
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        longest = min(self.max_len, cfg.max_position_embeddings)
+        if not 1 <= max_batch <= self.max_batch or not 2 <= max_len <= longest:
+            raise InputError(f"max_batch {max_batch} / max_len {max_len}: target {self.name} allows batch "
+                             f"1..{self.max_batch} and length 2..{longest}")
+        return max_batch, max_len
 
     def act_dtype(self, precision: str) -> torch.dtype:
         """Activation dtype of a precision (fp8 = FP8 weights and experts, bf16 activations)."""

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -56,19 +54,13 @@ def have_module(name: str) -> str | None:
     return None
 
 
-def _example_len(cfg: Any, max_len: int) -> int:
-    """Example prefill length (as api.build): past two blocks of the largest compress ratio, odd."""
-    want = 2 * max([*cfg.compress_ratios, 2]) + 3
-    return max(2, min(want, max_len - 1))
-
-
 def build_tensorrt(model: Any, out_dir: str | Path, *, via: str = "onnx", precision: str = "fp32",
                    max_batch: int | None = None, max_len: int | None = None, check: bool = True,
                    overwrite: bool = False) -> Path:
     """Build a tensorrt engine directory from a ReferenceModel (module doc). Returns out_dir when complete;
     raises TargetError after writing the ONNX half when TensorRT is missing (via="onnx"), or before writing
     anything when torch_tensorrt is missing (via="torch_tensorrt")."""
-    from v4compile.graph.capture import example_inputs
+    from v4compile.graph.capture import example_inputs, example_len
     from v4compile.targets.onnx_export import capture_for_tensorrt, lower_for_plugins
 
     if via not in VIAS:
@@ -81,22 +73,13 @@ def build_tensorrt(model: Any, out_dir: str | Path, *, via: str = "onnx", precis
         raise TargetError(f"--via torch_tensorrt needs torch_tensorrt (>= 2.6 with TensorRT >= 10.9), which does not "
                           f"import here ({why}); pip install torch-tensorrt, or build with --via onnx")
     cfg = model.cfg
-    max_batch = cfg.max_batch_size if max_batch is None else max_batch
-    max_len = cfg.max_seq_len if max_len is None else max_len
-    if not 1 <= max_batch <= TENSORRT.max_batch or not 2 <= max_len <= min(TENSORRT.max_len, cfg.max_position_embeddings):
-        raise InputError(f"max_batch {max_batch} / max_len {max_len}: target tensorrt allows batch 1..{TENSORRT.max_batch}"
-                         f" and length 2..{min(TENSORRT.max_len, cfg.max_position_embeddings)}")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"output {out} already exists (pass overwrite=True / remove it)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    max_batch, max_len = TENSORRT.engine_limits(cfg, max_batch, max_len)
+    out = mf.check_out_dir(out_dir, overwrite)
     times: dict[str, float] = {}
-    try:
+    with mf.atomic_engine_dir(out) as tmp:
         t0 = time.perf_counter()
         g = capture_for_tensorrt(model, "prefill", max_len)
-        ex = example_inputs(model, "prefill", 2, _example_len(cfg, max_len), max_len)
+        ex = example_inputs(model, "prefill", 2, example_len(cfg, max_len), max_len)
         fp = lower_for_plugins(g, ex, max(2, max_batch))
         times["capture + passes + lowering"] = round(time.perf_counter() - t0, 2)
         manifest = _manifest(model, precision, via, max_batch, max_len, fp, times)
@@ -104,12 +87,6 @@ def build_tensorrt(model: Any, out_dir: str | Path, *, via: str = "onnx", precis
             _onnx_half(model, fp, tmp, manifest, check, times)
         else:
             _torch_tensorrt(fp, tmp, manifest, precision, max_batch, max_len, times)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if via == "onnx" and manifest["artifacts"]["plan"] is None:
         checked = "checked with onnxruntime" if (manifest["parity"] or {}).get("ok") else "not checked"
         raise TargetError(f"{out}: ONNX half written (model.onnx {checked}), no TensorRT plan: "

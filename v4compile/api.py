@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 import v4compile
-from v4compile.errors import ConfigError, InputError, ParityError
+from v4compile.errors import ConfigError, ParityError
 from v4compile.model.config import ModelConfig
 from v4compile.model.reference import ReferenceModel
 from v4compile.runtime import manifest as mf
@@ -76,12 +75,6 @@ class _Stages:
             self.console.print(f"[green]done[/green] {name} ({self.times[name]:.1f}s)")
 
 
-def _example_len(cfg: ModelConfig, max_len: int) -> int:
-    """Example prefill length: past two blocks of the largest compress ratio, odd (no divisibility guard)."""
-    want = 2 * max([r for r in cfg.compress_ratios] + [2]) + 3
-    return max(2, min(want, max_len - 1))
-
-
 def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: str | Path = "engine", *,
           check: bool = True, max_batch: int | None = None, max_len: int | None = None,
           progress: bool = True, overwrite: bool = False, trace: bool = False,
@@ -102,7 +95,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
         model = _model_from(source, TENSORRT.act_dtype(precision), "cpu")  # exported on the CPU
         return build_tensorrt(model, out_dir, via=via, precision=precision, max_batch=max_batch, max_len=max_len,
                               check=check, overwrite=overwrite)
-    from v4compile.graph.capture import capture, example_inputs, trace_outputs
+    from v4compile.graph.capture import capture, example_inputs, example_len, trace_outputs
     from v4compile.graph.passes import run_pipeline
     from v4compile.targets import check_machine, get_target
     from v4compile.targets.aoti import WEIGHTS_MODE, package
@@ -111,22 +104,13 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     tgt = get_target(target)
     act = tgt.act_dtype(precision)
     check_machine(tgt)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InputError(f"output {out} already exists (pass overwrite=True / remove it)")
+    out = mf.check_out_dir(out_dir, overwrite)
     stages = _Stages(progress)
     with stages("load model"):
         model = _model_from(source, act, tgt.device)
     cfg = model.cfg
-    max_batch = cfg.max_batch_size if max_batch is None else max_batch
-    max_len = cfg.max_seq_len if max_len is None else max_len
-    if not 1 <= max_batch <= tgt.max_batch or not 2 <= max_len <= min(tgt.max_len, cfg.max_position_embeddings):
-        raise InputError(f"max_batch {max_batch} / max_len {max_len}: target {tgt.name} allows batch 1..{tgt.max_batch}"
-                         f" and length 2..{min(tgt.max_len, cfg.max_position_embeddings)}")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    max_batch, max_len = tgt.engine_limits(cfg, max_batch, max_len)
+    with mf.atomic_engine_dir(out) as tmp:  # an exception or Ctrl-C leaves neither an engine nor a temp dir
         lowered = {}
         entries = ("prefill", "decode") if tgt.separate_decode else ("prefill",)
         for entry in entries + (("trace",) if trace else ()):
@@ -136,7 +120,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
                 g = run_pipeline(g, precision=precision,
                                  pass_options={"quantize_moe_experts": {"allow_lossy": allow_lossy_repack}})
             with stages(f"lower {entry} ({tgt.name})"):
-                ex = example_inputs(model, entry, 2, _example_len(cfg, max_len), max_len)
+                ex = example_inputs(model, entry, 2, example_len(cfg, max_len), max_len)
                 lowered[entry] = lower(g, tgt, ex, max(2, max_batch))
         if not tgt.separate_decode:
             lowered["decode"] = lowered["prefill"]  # T = 1 through the dynamic-length program
@@ -169,12 +153,6 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
             with stages("parity check vs eager"):
                 manifest["parity"] = check_parity(model, load_engine(tmp), precision)
             mf.write_manifest(tmp, manifest)
-        if out.exists():  # overwrite=True: the old engine goes only once the new one is complete
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:  # KeyboardInterrupt included: never leave a half-written engine or temp dir
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

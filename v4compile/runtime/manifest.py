@@ -8,15 +8,19 @@ This module imports nothing of the compiler (graph, plugins): the runtime uses i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from v4compile.errors import EngineError
+from v4compile.errors import EngineError, InputError
 from v4compile.model.cache import Cache
 from v4compile.model.config import ModelConfig
 
@@ -145,3 +149,28 @@ def verify_arch(manifest: dict[str, Any], have: str) -> None:
     if have != want:
         machine = "a machine without a CUDA GPU" if have == "cpu" else f"a GPU of arch {have}"
         raise EngineError(f"engine built for arch {want} (target {manifest['target']}), loaded on {machine}")
+
+
+def check_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """The engine directory to write; InputError when it exists and overwrite is off."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"output {out} already exists (pass overwrite=True / remove it)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_engine_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to `out`; renamed to `out` when the block completes (an existing `out`
+    goes only then), removed on any exception, Ctrl-C included: a build never leaves a half-written engine."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
