@@ -3,6 +3,9 @@
 Constants (weights) are embedded in each model's shared library: prefill and decode each carry a copy
 (`package_constants_in_so=False` + binding one user-managed set at load is the planned fix; not done yet,
 and the manifest says `"weights": "embedded-per-entry-point"`).
+
+Which process compiles what is api.build's business: several entry points are built in parallel worker
+processes (v4compile/build_worker.py), each calling compile_lowered; package_files packs their files.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 keeping extra precision flips rounding decisions (measured on tiny bf16 without it: logits calc_diff 1.1e-2)."""
 
 
-def _compile(lowered: Lowered, options: dict[str, Any]) -> list:
+def compile_lowered(lowered: Lowered, options: dict[str, Any] | None = None) -> list:
+    """AOTInductor-compile one lowered entry point; returns the files package_aoti packs (ExportError naming the
+    entry point on failure)."""
+    options = dict(options or {})
     ep = lowered.program
     try:
         gm = ep.module(check_guards=False)
@@ -45,21 +51,10 @@ def _compile(lowered: Lowered, options: dict[str, Any]) -> list:
     return files
 
 
-def package(entries: dict[str, Lowered], path: Path, options: dict[str, Any] | None = None,
-            seconds: dict[str, float] | None = None) -> Path:
-    """Compile every entry point and write one .pt2 holding them under their names ('prefill', 'decode',
-    'trace'); names mapped to the same Lowered object share one compile (the archive still holds one model per
-    name). seconds: filled with each compiled entry's compile time."""
+def package_files(files: dict[str, list], path: Path) -> Path:
+    """Write one .pt2 holding a model per name ('prefill', 'decode', 'trace') from compile_lowered's file lists
+    (names given the same list share its files)."""
     from torch._inductor.package import package_aoti
 
-    compiled: dict[int, list] = {}  # one compile per distinct program (decode may reuse prefill's)
-    files = {}
-    for name, lo in entries.items():
-        if id(lo) not in compiled:
-            t0 = time.perf_counter()
-            compiled[id(lo)] = _compile(lo, dict(options or {}))
-            if seconds is not None:
-                seconds[name] = round(time.perf_counter() - t0, 2)
-        files[name] = compiled[id(lo)]
     package_aoti(str(path), files)
     return path

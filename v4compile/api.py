@@ -95,11 +95,10 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
         model = _model_from(source, TENSORRT.act_dtype(precision), "cpu")  # exported on the CPU
         return build_tensorrt(model, out_dir, via=via, precision=precision, max_batch=max_batch, max_len=max_len,
                               check=check, overwrite=overwrite)
-    from v4compile.graph.capture import capture, example_inputs, example_len, trace_outputs
-    from v4compile.graph.passes import run_pipeline
+    from v4compile.build_worker import EntryJob, build_entries_parallel, lower_entry, parallel_wanted
+    from v4compile.graph.capture import trace_outputs
     from v4compile.targets import check_machine, get_target
-    from v4compile.targets.aoti import WEIGHTS_MODE, package
-    from v4compile.targets.lower import lower
+    from v4compile.targets.aoti import WEIGHTS_MODE, compile_lowered, package_files
 
     tgt = get_target(target)
     act = tgt.act_dtype(precision)
@@ -111,26 +110,27 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     cfg = model.cfg
     max_batch, max_len = tgt.engine_limits(cfg, max_batch, max_len)
     with mf.atomic_engine_dir(out) as tmp:  # an exception or Ctrl-C leaves neither an engine nor a temp dir
-        lowered = {}
-        entries = ("prefill", "decode") if tgt.separate_decode else ("prefill",)
-        for entry in entries + (("trace",) if trace else ()):
-            with stages(f"capture {entry}"):
-                g = capture(model, entry, max_len=max_len)
-            with stages(f"passes {entry}"):
-                g = run_pipeline(g, precision=precision,
-                                 pass_options={"quantize_moe_experts": {"allow_lossy": allow_lossy_repack}})
-            with stages(f"lower {entry} ({tgt.name})"):
-                ex = example_inputs(model, entry, 2, example_len(cfg, max_len), max_len)
-                lowered[entry] = lower(g, tgt, ex, max(2, max_batch))
-        if not tgt.separate_decode:
-            lowered["decode"] = lowered["prefill"]  # T = 1 through the dynamic-length program
-        compile_s: dict[str, float] = {}
-        with stages("AOTInductor compile + package"):
-            package(lowered, tmp / mf.PACKAGE, seconds=compile_s)
-        stages.times.update({f"(within it) compile {name}": s for name, s in compile_s.items()})
+        entries = (("prefill", "decode") if tgt.separate_decode else ("prefill",)) + (("trace",) if trace else ())
+        job = EntryJob(tgt.name, precision, max_len, max_batch, allow_lossy_repack)
         kernels: dict[str, str] = {}
-        for lo in lowered.values():
-            kernels.update(lo.kernels)
+        if parallel_wanted(len(entries)):  # each program in its own process: capture .. compile in parallel
+            with stages(f"capture, passes, lower, AOTInductor compile ({len(entries)} programs in parallel)"):
+                built = build_entries_parallel(source, model, job, entries, tmp)
+            files = {entry: b["files"] for entry, b in built.items()}
+            for entry, b in built.items():
+                kernels.update(b["kernels"])
+                stages.times.update({f"(within it) {name}": t for name, t in b["seconds"].items()})
+        else:
+            lowered = {entry: lower_entry(model, job, entry, stages) for entry in entries}
+            files = {}
+            for entry, lo in lowered.items():
+                kernels.update(lo.kernels)
+                with stages(f"AOTInductor compile {entry}"):
+                    files[entry] = compile_lowered(lo)
+        if not tgt.separate_decode:
+            files["decode"] = files["prefill"]  # T = 1 through the dynamic-length program
+        with stages("package"):
+            package_files(files, tmp / mf.PACKAGE)
         manifest = {
             "format_version": mf.FORMAT_VERSION, "v4compile": v4compile.__version__, "torch": torch.__version__,
             "triton": _triton_version(), "target": tgt.name, "arch": tgt.arch, "precision": precision,

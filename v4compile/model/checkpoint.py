@@ -363,11 +363,20 @@ def load_checkpoint(path: str | Path, cfg: ModelConfig | None = None, device: st
 
     path = Path(path)
     cfg = _resolve_config(path, cfg)
-    model = ReferenceModel(cfg, dtype=dtype, device="meta")
-    model.load_state_dict(load_state_dict(path, cfg, device, check_finite=check_finite, progress=progress),
-                          strict=True, assign=True)
+    return model_from_state_dict(cfg, load_state_dict(path, cfg, device, check_finite=check_finite,
+                                                      progress=progress), dtype=dtype, device=device)
+
+
+def model_from_state_dict(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None,
+                          device: str | torch.device = "cpu", quantized: bool = True):
+    """A ReferenceModel holding exactly `state_dict` (its module-path keys, e.g. another model's state_dict()),
+    built on the meta device and assigned: one copy of the weights."""
+    from v4compile.model.reference import ReferenceModel
+
+    model = ReferenceModel(cfg, dtype=dtype, device="meta", quantized=quantized)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     _materialize_buffers(model, cfg, device)
-    return model
+    return model.eval()
 
 
 def _materialize_buffers(model, cfg: ModelConfig, device: str | torch.device) -> None:

@@ -1,0 +1,43 @@
+"""The parallel build (v4compile/build_worker.py): a worker that fails names its entry point and its error, and
+stops the others; the parent's weights reach workers that cannot rebuild the model from a name.
+The success path is the session engine of tests/runtime/conftest.py (prefill + trace built in parallel)."""
+
+import pytest
+import torch
+
+from v4compile.build_worker import EntryJob, _source_spec, build_entries_parallel, parallel_wanted
+from v4compile.errors import ExportError
+from v4compile.model.checkpoint import model_from_state_dict
+from v4compile.model.config import ModelConfig
+from v4compile.model.reference import ReferenceModel
+
+
+def test_parallel_only_for_several_programs(monkeypatch):
+    monkeypatch.delenv("V4COMPILE_PARALLEL_COMPILE", raising=False)
+    assert not parallel_wanted(1) and parallel_wanted(2)
+    monkeypatch.setenv("V4COMPILE_PARALLEL_COMPILE", "0")
+    assert not parallel_wanted(3)
+
+
+def test_source_spec(tmp_path):
+    assert _source_spec("tiny", None, tmp_path) == {"preset": "tiny"}
+    assert _source_spec(str(tmp_path), None, tmp_path) == {"checkpoint": str(tmp_path.resolve())}
+    model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.float32).eval()
+    spec = _source_spec(model, model, tmp_path)
+    saved = torch.load(spec["state_dict"], weights_only=True)
+    back = model_from_state_dict(ModelConfig.from_dict(saved["config"]), saved["state_dict"], dtype=torch.float32)
+    sd = back.state_dict()
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    tok = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(back(tok, 0, back.new_cache(1, 8)), model(tok, 0, model.new_cache(1, 8)))
+
+
+def test_failing_worker_names_entry_and_error(tmp_path):
+    model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.float32).eval()
+    job = EntryJob("cpu", "fp64", max_len=32, max_batch=2, allow_lossy_repack=False)  # no such precision
+    with pytest.raises(ExportError, match=r"building the (prefill|trace) entry point failed .*fp64"):
+        build_entries_parallel(model, model, job, ("prefill", "trace"), tmp_path)
+    logs = sorted(p.parent.name for p in tmp_path.glob("workers/*/worker.log"))
+    assert logs == ["prefill", "trace"]  # both workers started, from the saved weights
