@@ -129,6 +129,7 @@ def run_demo(target: str | None = None, precision: str | None = None, contexts: 
                     f"{same}/{n_queries}", f"{r['seconds']:.0f}")
         console.print(f"[bold]{ctx}-token context[/bold], engine answers:\n" + format_examples(engine_rows))
     console.print(acc)
+    result["decode_mode"] = engine.decode_mode if engine.device.type == "cuda" else "cpu"
     result["total_s"] = round(time.perf_counter() - t0, 1)
     # the bar: engine task accuracy within 1 point of eager (with a handful of queries: the same answers)
     result["ok"] = bool(report.ok and all(abs(r["engine_accuracy"] - r["eager_accuracy"]) <= 0.01

@@ -9,6 +9,7 @@ the caches are updated in place. A Session owns one cache set for `batch` sequen
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -60,7 +61,10 @@ class Engine:
         cache = manifest["cache"]
         self.max_batch, self.max_len, self.layout = int(cache["max_batch"]), int(cache["max_len"]), cache["tensors"]
         self.vocab_size = self.cfg.vocab_size
-        self._decode_graphs: dict[int, _DecodeGraph] = {}
+        self._decode_graphs: dict[tuple, _DecodeGraph] = {}
+        # how decode runs on a GPU: "cuda-graph" (captured per batch size and cache set, replayed), or
+        # "uncaptured (<why>)" after a capture failed, or when V4COMPILE_CUDA_GRAPHS=0
+        self.decode_mode = "cuda-graph" if os.environ.get("V4COMPILE_CUDA_GRAPHS", "1") != "0" else "uncaptured (off)"
 
     # ------------------------------------------------------------------ sessions
 
@@ -161,11 +165,19 @@ class Engine:
         return tokens.to(dev, torch.int64).contiguous(), sp.to(dev, torch.int64).contiguous()
 
     def _cuda_decode(self, tokens: Tensor, sp: Tensor, caches: list[Tensor]) -> Tensor:
+        if self.decode_mode != "cuda-graph":
+            return self.models["decode"](tokens, sp, *caches)
         key = (tokens.shape[0], tuple(t.data_ptr() for t in caches))
         graph = self._decode_graphs.get(key)
         if graph is None:
-            graph = _DecodeGraph(self.models["decode"], caches, tokens.shape[0], self.device)
-            self._decode_graphs = {key: graph}  # one captured graph at a time (it pins the session's caches)
+            self._decode_graphs = {}  # one captured graph at a time (it pins the session's caches)
+            try:
+                graph = _DecodeGraph(self.models["decode"], caches, tokens.shape[0], self.device)
+            except RuntimeError as e:  # capture refused (e.g. a host sync in the program): run it uncaptured
+                self.decode_mode = f"uncaptured ({str(e).strip().splitlines()[0][:200]})"
+                log.warning("CUDA-graph capture of the decode step failed; decoding without graphs: %s", e)
+                return self.models["decode"](tokens, sp, *caches)
+            self._decode_graphs = {key: graph}
         return graph(tokens, sp)
 
     # ------------------------------------------------------------------ generation
@@ -215,7 +227,7 @@ class Engine:
 
 class _DecodeGraph:
     """CUDA-graph capture of the decode model for one batch size and one set of cache tensors; replays copy
-    tokens / positions into static buffers. Written against torch.cuda.CUDAGraph; NOT tested (no GPU here)."""
+    tokens / positions into static buffers; the caches are restored after the warm-up and capture runs."""
 
     def __init__(self, model: Any, caches: list[Tensor], batch: int, device: torch.device) -> None:
         self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)
