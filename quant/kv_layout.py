@@ -10,13 +10,15 @@ One entry of head dim D = nope + 64 (512 at V4: nope 448) is stored in  nope + 1
 bytes split in two arrays (`pack_kv_cache`): the 576-byte data parts (64-byte aligned rows, as FlashMLA's paged
 blocks keep them) and the 8 scale bytes per entry. Encoding is exact only for rows that are already
 fake-quantised (`fake_quant_fp8(x[..., :nope], 64)` with bf16 RoPE values): `strict=True` checks it.
+Indexer keys have their own packed layout (`pack_index_keys` / `unpack_index_keys`, at the end of this file).
 """
 
 from __future__ import annotations
 
 import torch
 
-from v4compile.quant.formats import E4M3_MAX, ue8m0_scale
+from v4compile.quant.formats import (E2M1_MAX, E4M3_MAX, FP4_MIN_AMAX, decode_e2m1, e8m0_to_float, encode_e2m1,
+                                     pack_fp4, ue8m0_scale, unpack_fp4)
 
 BLOCK = 64  # nope channels per UE8M0 scale (the reference's fake-quant block)
 ROPE_DIM = 64
@@ -89,3 +91,61 @@ def unpack_kv_cache(data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
     s = (scales[..., :nb].to(torch.int32) << 23).view(torch.float32)  # 2^(byte - 127)
     rope = data[..., nope:].contiguous().view(torch.bfloat16).float()
     return torch.cat(((codes * s.unsqueeze(-1)).flatten(-2), rope), -1).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Indexer keys (V4-SPEC 4.2 / 6.2): packed e2m1 + one UE8M0 scale per 32 dims, 68 bytes at Di = 128.
+#
+# The reference stores each key already fake-quantised with `fake_quant_fp4(x, 32)`: per 32-dim block,
+# scale s = 2^ceil(log2(max(amax, 6 * 2^-126) / 6)) and values e2m1 * s. `pack_index_keys` recomputes the
+# block scale with the same rule from the stored values; the values then divide exactly onto the e2m1 grid
+# (a block whose largest code is below 6 gets a smaller scale, and doubling grid values that stay <= 6 lands
+# on the grid again), so decoding restores every value, signed zeros included. Codes pack two per byte, dim
+# 2i in the low nibble of byte i (quant.formats.pack_fp4, the MXFP4 weight convention).
+
+INDEX_BLOCK = 32  # indexer-key dims per UE8M0 scale (the reference's fake-quant FP4 block)
+
+
+def index_key_bytes(index_head_dim: int) -> int:
+    """Bytes per packed indexer key: Di/2 code bytes + Di/32 scale bytes (68 at Di = 128)."""
+    _index_blocks(index_head_dim)
+    return index_head_dim // 2 + index_head_dim // INDEX_BLOCK
+
+
+def _index_blocks(di: int) -> int:
+    if di < INDEX_BLOCK or di % INDEX_BLOCK:
+        raise ValueError(f"indexer keys: head dim must be a positive multiple of {INDEX_BLOCK}, got {di}")
+    return di // INDEX_BLOCK
+
+
+def pack_index_keys(k: torch.Tensor, strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [..., Di] on the FP4 grid -> (codes uint8 [..., Di/2], UE8M0 scales uint8 [..., Di/32]).
+
+    strict: raise ValueError when a value is not exactly e2m1 x its block scale (or is not finite); else
+    values round to the nearest grid point and a block holding NaN / inf gets the NaN scale byte 255."""
+    nb = _index_blocks(k.shape[-1])
+    blocks = k.float().unflatten(-1, (nb, INDEX_BLOCK))  # [..., nb, 32]
+    s = ue8m0_scale(blocks.abs().amax(-1), E2M1_MAX, FP4_MIN_AMAX)  # [..., nb]; NaN for non-finite blocks
+    v = blocks / s.unsqueeze(-1)
+    codes = encode_e2m1(v)
+    if strict:
+        bad = (decode_e2m1(codes) != v) | ~torch.isfinite(v)
+        if bool(bad.any()):
+            first = blocks[bad].flatten()[0].item()
+            raise ValueError(f"pack_index_keys: {int(bad.sum())} values are not e2m1 x their block's power-of-two "
+                             f"scale (first: {first!r}); fake-quantise first (quant.formats.fake_quant_fp4(k, 32))")
+    exps = ((s.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)  # the exponent byte; NaN -> 255
+    return pack_fp4(codes.flatten(-2)).view(torch.uint8), exps
+
+
+def unpack_index_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of `pack_index_keys`: [..., Di] in `dtype` (exact for bf16 and float32); scale byte 255 -> NaN."""
+    if codes.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"unpack_index_keys: expected uint8 codes and scales, got {codes.dtype}, {scales.dtype}")
+    di = 2 * codes.shape[-1]
+    nb = _index_blocks(di)
+    if scales.shape[:-1] != codes.shape[:-1] or scales.shape[-1] != nb:
+        raise ValueError(f"unpack_index_keys: scales {tuple(scales.shape)} do not fit codes {tuple(codes.shape)} "
+                         f"(one scale per {INDEX_BLOCK} dims)")
+    v = decode_e2m1(unpack_fp4(codes)).unflatten(-1, (nb, INDEX_BLOCK))
+    return (v * e8m0_to_float(scales).unsqueeze(-1)).flatten(-2).to(dtype)
