@@ -203,8 +203,9 @@ def plugin_nodes(program: ExportedProgram) -> list[torch.fx.Node]:
             and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == trt_ops.NAMESPACE]
 
 
-def export_onnx(fp: FunctionalProgram, path: str | Path) -> Path:
-    """Write model.onnx (+ DATA_FILE external weights) for a lowered program; returns the .onnx path."""
+def export_onnx(fp: FunctionalProgram, path: str | Path, expansions: bool = True) -> Path:
+    """Write model.onnx (+ DATA_FILE external weights) for a lowered program; returns the .onnx path.
+    `expansions`: also store each fused node's per-kernel expansion (AOT TensorRT plans, onnx_functions doc)."""
     import onnx
 
     from v4compile.targets.onnx_functions import attach_functions, translation_table
@@ -221,7 +222,7 @@ def export_onnx(fp: FunctionalProgram, path: str | Path) -> Path:
     except Exception as e:
         raise ExportError(f"torch.onnx export of the tensorrt graph failed: {type(e).__name__}: {_first_line(e)}") from e
     model = onnx_program.model_proto
-    attach_functions(model, fp)
+    attach_functions(model, fp, expansions)
     model.ir_version = max(model.ir_version, IR_VERSION)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -10,6 +10,12 @@ symbolic in the graph dynamic, and wrapped as a FunctionProto (domain "v4.trt", 
 of the attribute values); every plugin node gets the overload of its attribute set. Attribute values that change
 the body's structure (a compress ratio, top-k) are baked into each overload's body, which is why one function
 per attribute set rather than one function referencing attributes.
+
+With `expansions=True` (the default of export_onnx), every fused node with an AOT composition
+(targets/trt_ops.AOT_BODIES) also gets an EXPANSION function: domain "v4.trt.expand", same name and overload,
+exported from the composition, whose body is the per-kernel plugin nodes (domain "v4.trt.aot", one node per
+Triton kernel launch) and the glue between them as standard ONNX ops. onnxruntime never calls it (no node has
+that domain); plugins/tensorrt/plan.py switches the fused nodes to it and inlines it to build an AOT plan.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from v4compile.errors import ExportError
-from v4compile.plugins.tensorrt.specs import DOMAIN, NAMESPACE, SPECS, VERSION, PluginSpec
+from v4compile.plugins.tensorrt.specs import (DOMAIN, EXPAND_DOMAIN, KERNEL_DOMAIN, KERNEL_NAMESPACE, KERNEL_SPECS,
+                                              NAMESPACE, SPECS, VERSION, PluginSpec)
 from v4compile.targets import trt_ops
 from v4compile.targets.lower import _whole_chunk_bodies, drop_size_oblivious_asserts
 
@@ -39,7 +46,7 @@ _ATTR_TYPES = {"float": onnx.defs.OpSchema.AttrType.FLOAT, "int": onnx.defs.OpSc
 PLUGIN_ATTRS = ("plugin_version", "plugin_namespace")
 
 
-def onnx_schema(spec: PluginSpec) -> onnx.defs.OpSchema:
+def onnx_schema(spec: PluginSpec, domain: str = DOMAIN) -> onnx.defs.OpSchema:
     """An (unregistered) OpSchema for the plugin node: one type variable per input and output."""
     D = onnx.defs.OpSchema
     ins = [D.FormalParameter(n, f"T_{n}") for n in spec.inputs]
@@ -48,7 +55,7 @@ def onnx_schema(spec: PluginSpec) -> onnx.defs.OpSchema:
                   [(f"U_{n}", _ALL_TYPES, "") for n in spec.output_names]
     attrs = [D.Attribute(n, _ATTR_TYPES[k], "", required=True) for n, k in spec.attrs]
     attrs += [D.Attribute(n, D.AttrType.STRING, "", required=True) for n in PLUGIN_ATTRS]
-    return D(spec.name, DOMAIN, 1, inputs=ins, outputs=outs, type_constraints=constraints, attributes=attrs,
+    return D(spec.name, domain, 1, inputs=ins, outputs=outs, type_constraints=constraints, attributes=attrs,
              doc=spec.doc)
 
 
@@ -58,10 +65,10 @@ def onnx_attr_values(spec: PluginSpec, values: tuple[Any, ...]) -> dict[str, Any
             for (n, k), v in zip(spec.attrs, values, strict=True)}
 
 
-def _translate(spec: PluginSpec):
+def _translate(spec: PluginSpec, domain: str = DOMAIN, namespace: str = NAMESPACE):
     from onnxscript._internal.values import Op, Opset
 
-    op = Op(Opset(DOMAIN, 1), spec.name, onnx_schema(spec))
+    op = Op(Opset(domain, 1), spec.name, onnx_schema(spec, domain))
     params = [inspect.Parameter(p, inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in (*spec.inputs, *spec.attr_names)]
 
     def translate(*args: Any, **kwargs: Any) -> Any:
@@ -69,7 +76,7 @@ def _translate(spec: PluginSpec):
         tensors = [bound[p] for p in spec.inputs]
         spec.check_attrs({a: bound[a] for a in spec.attr_names})
         attrs = onnx_attr_values(spec, tuple(bound[a] for a in spec.attr_names))
-        return op(*tensors, **attrs, plugin_version=VERSION, plugin_namespace=NAMESPACE)
+        return op(*tensors, **attrs, plugin_version=VERSION, plugin_namespace=namespace)
 
     translate.__signature__ = inspect.Signature(params)
     translate.__name__ = f"v4trt_{spec.name}"
@@ -111,6 +118,12 @@ def translation_table() -> dict[Any, Any]:
     return {**aten_translations(), **{trt_ops.op(name): _translate(spec) for name, spec in SPECS.items()}}
 
 
+def kernel_translation_table() -> dict[Any, Any]:
+    """aten_translations + {torch.ops.v4trt_aot.<name>.default: ONE node of domain "v4.trt.aot"} (expansions)."""
+    return {**aten_translations(), **{trt_ops.kernel_op(name): _translate(spec, KERNEL_DOMAIN, KERNEL_NAMESPACE)
+                                      for name, spec in KERNEL_SPECS.items()}}
+
+
 def overload_key(spec: PluginSpec, attrs: dict[str, Any]) -> str:
     """Function overload id of an attribute set as stored on the node (floats compared as float32)."""
     parts = []
@@ -129,7 +142,7 @@ def _dim_name(expr: Any) -> str:
     return "d_" + re.sub(r"[^0-9A-Za-z]+", "_", str(expr)).strip("_")
 
 
-def _dynamic_shapes(node: torch.fx.Node, n: int) -> tuple[dict[int, Dim], ...]:
+def dynamic_shapes(node: torch.fx.Node, n: int) -> tuple[dict[int, Dim], ...]:
     """Per tensor input: the dims that are symbolic in the graph, as export Dims (one Dim per expression)."""
     dims: dict[str, Dim] = {}
     out = []
@@ -145,48 +158,54 @@ def _dynamic_shapes(node: torch.fx.Node, n: int) -> tuple[dict[int, Dim], ...]:
 
 
 class _Body(nn.Module):
-    def __init__(self, name: str, attrs: tuple[Any, ...]) -> None:
+    def __init__(self, body: Any, attrs: tuple[Any, ...]) -> None:
         super().__init__()
-        self.name, self.attrs = name, attrs
+        self.body, self.attrs = body, attrs
 
     def forward(self, *tensors: Tensor) -> Any:
-        return trt_ops.BODIES_TRT[self.name](*tensors, *self.attrs)
+        return self.body(*tensors, *self.attrs)
 
 
-def function_proto(spec: PluginSpec, args: tuple[Any, ...], node: torch.fx.Node, key: str,
-                   opset: int) -> tuple[onnx.FunctionProto, list[onnx.FunctionProto]]:
-    """Export the reference body on `args` (a recorded call of `node`) as FunctionProto (domain, name, key)."""
+def function_proto(spec: PluginSpec, args: tuple[Any, ...], dynamic: tuple[dict[int, Dim], ...], key: str,
+                   opset: int, expansion: bool = False) -> tuple[onnx.FunctionProto, list[onnx.FunctionProto]]:
+    """Export the plugin's reference body (expansion: its AOT composition, trt_ops.AOT_BODIES) on `args` (a
+    recorded call) with `dynamic` dims per tensor input as FunctionProto (domain, name, overload `key`)."""
     from v4compile.targets.onnx_export import exportable_scales
 
     n = len(spec.inputs)
     tensors, attrs = tuple(args[:n]), tuple(args[n:])
+    body = (trt_ops.AOT_BODIES if expansion else trt_ops.BODIES_TRT)[spec.name]
+    table = kernel_translation_table() if expansion else aten_translations()
     try:
         with torch.no_grad(), _whole_chunk_bodies(), exportable_scales(), \
                 fx_config.patch(backed_size_oblivious=True):
-            ep = torch.export.export(_Body(spec.name, attrs), tensors, dynamic_shapes=(_dynamic_shapes(node, n),),
+            ep = torch.export.export(_Body(body, attrs), tensors, dynamic_shapes=(dynamic,),
                                      prefer_deferred_runtime_asserts_over_guards=True)
         drop_size_oblivious_asserts(ep)
         sub = torch.onnx.export(ep, dynamo=True, opset_version=opset, optimize=True, verbose=False,
-                                custom_translation_table=aten_translations()).model_proto
+                                custom_translation_table=table).model_proto
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"exporting the reference body of plugin {spec.plugin_id} (attributes {attrs}) to an "
+        what = "AOT kernel composition" if expansion else "reference body"
+        raise ExportError(f"exporting the {what} of plugin {spec.plugin_id} (attributes {attrs}) to an "
                           f"ONNX function failed: {type(e).__name__}: {first}") from e
     g = sub.graph
     if len(g.input) != n or len(g.output) != len(spec.outputs):
         raise ExportError(f"plugin {spec.plugin_id}: its reference body exported with {len(g.input)} inputs / "
                           f"{len(g.output)} outputs, the plugin has {n} / {len(spec.outputs)}")
     consts = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]
-    fn = helper.make_function(DOMAIN, spec.name, [i.name for i in g.input], [o.name for o in g.output],
+    fn = helper.make_function(EXPAND_DOMAIN if expansion else DOMAIN, spec.name, [i.name for i in g.input],
+                              [o.name for o in g.output],
                               [*consts, *g.node], list(sub.opset_import),
                               attributes=[*spec.attr_names, *PLUGIN_ATTRS], doc_string=spec.doc)
     fn.overload = key
     return fn, list(sub.functions)
 
 
-def attach_functions(model: onnx.ModelProto, fp: Any) -> dict[str, int]:
+def attach_functions(model: onnx.ModelProto, fp: Any, expansions: bool = True) -> dict[str, int]:
     """Add one local function per (plugin, attribute set) of `fp` (a FunctionalProgram) to `model` and set the
-    overload of every plugin node; returns {plugin name: number of functions}."""
+    overload of every plugin node, plus (expansions) the AOT expansion functions of the fused plugins that have
+    one; returns {plugin name: number of reference functions}."""
     from v4compile.targets.onnx_export import OPSET, plugin_nodes
 
     with torch.no_grad(), trt_ops.record_calls() as calls:
@@ -195,14 +214,20 @@ def attach_functions(model: onnx.ModelProto, fp: Any) -> dict[str, int]:
     if [n.target._opname for n in nodes] != [name for name, _ in calls]:
         raise ExportError("plugin calls recorded while running the lowered program do not match its plugin nodes")
     done: dict[tuple[str, str], onnx.FunctionProto] = {}
+    expand: dict[tuple[str, str], onnx.FunctionProto] = {}
     extra: dict[tuple[str, str, str], onnx.FunctionProto] = {}
     for node, (name, args) in zip(nodes, calls):
         spec = SPECS[name]
         key = overload_key(spec, onnx_attr_values(spec, tuple(args[len(spec.inputs):])))
-        if (name, key) not in done:
-            done[name, key], more = function_proto(spec, args, node, key, OPSET)
-            for f in more:
-                extra.setdefault((f.domain, f.name, f.overload), f)
+        if (name, key) in done:
+            continue
+        dynamic = dynamic_shapes(node, len(spec.inputs))
+        done[name, key], more = function_proto(spec, args, dynamic, key, OPSET)
+        if expansions and name in trt_ops.AOT_BODIES:
+            expand[name, key], more2 = function_proto(spec, args, dynamic, key, OPSET, expansion=True)
+            more = [*more, *more2]
+        for f in more:
+            extra.setdefault((f.domain, f.name, f.overload), f)
     for node in model.graph.node:
         if node.domain == DOMAIN:
             spec = SPECS[node.op_type]
@@ -210,9 +235,10 @@ def attach_functions(model: onnx.ModelProto, fp: Any) -> dict[str, int]:
             if (node.op_type, node.overload) not in done:
                 raise ExportError(f"plugin node {node.name} ({node.op_type}) has attributes {node_attrs(node)} "
                                   "that no recorded call had")
-    model.functions.extend([*done.values(), *extra.values()])
+    functions = [*done.values(), *expand.values(), *extra.values()]
+    model.functions.extend(functions)
     have = {o.domain for o in model.opset_import}
-    for f in [*done.values(), *extra.values()]:
+    for f in functions:
         for o in f.opset_import:
             if o.domain not in have:
                 model.opset_import.append(o)

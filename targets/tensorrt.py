@@ -1,9 +1,10 @@
 """The tensorrt target: `build_tensorrt(model, out_dir, via="onnx" | "torch_tensorrt", ...)`.
 
 via="onnx" (always its first half): capture + PIPELINE -> lowering with the fused V4 ops as plugin nodes ->
-model.onnx + model.onnx.data (targets/onnx_export.py), checked with onnxruntime against eager; then, where
-TensorRT is importable, build_plan parses it into a strongly typed network with the v4 plugins registered and
-writes model.plan. Without TensorRT the build stops after ONNX: the engine directory is complete for its ONNX
+model.onnx + model.onnx.data (targets/onnx_export.py; each fused node also carries its per-kernel expansion),
+checked with onnxruntime against eager; then, where TensorRT is importable, build_plan parses it into a strongly
+typed network and writes model.plan: by default an AOT plan (fused nodes expanded into one AOT plugin per Triton
+kernel launch, PTX in the plan, no Python at run time), or with kind="jit" the fused JIT plugins. Without TensorRT the build stops after ONNX: the engine directory is complete for its ONNX
 half (manifest with "plan": null) and a TargetError names what is missing and the one command that finishes
 the build on a machine that has TensorRT:  python -m v4compile.targets.tensorrt build-plan <engine dir>.
 
@@ -111,7 +112,7 @@ def _manifest(model: Any, precision: str, via: str, max_batch: int, max_len: int
         "build": {"via": via, "max_batch": max_batch, "max_len": max_len, "stage_seconds": times,
                   "weights": "dequantised float, external data (model.onnx.data)"},
         "kernels": dict(sorted(fp.kernels.items())),
-        "plugins": {"domain": DOMAIN, "nodes": nodes},
+        "plugins": {"domain": DOMAIN, "nodes": nodes, "aot": _aot_summary(nodes)},
         "entry_points": {
             "prefill": {"model": "model", "batch": [1, max_batch], "tokens": [1, max_len]},
             "decode": {"model": "model", "batch": [1, max_batch], "tokens": [1, 1], "program": "prefill"},
@@ -123,6 +124,16 @@ def _manifest(model: Any, precision: str, via: str, max_batch: int, max_len: int
         "artifacts": {"onnx": None, "plan": None, "pt2": None},
         "parity": None,
     }
+
+
+def _aot_summary(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """How an AOT plan computes each fused op: expanded into kernel plugins, or by its reference function."""
+    from v4compile.plugins.tensorrt.specs import AOT_BY_REFERENCE, KERNEL_NAMESPACE, KERNEL_SPECS
+
+    ops = sorted({n["op"] for n in nodes})
+    return {"expanded": [o for o in ops if o not in AOT_BY_REFERENCE],
+            "by_reference": [o for o in ops if o in AOT_BY_REFERENCE],
+            "kernel_plugins": [f"{KERNEL_NAMESPACE}::{k}" for k in KERNEL_SPECS], "arch": "sm_90"}
 
 
 def _onnx_half(model: Any, fp: Any, tmp: Path, manifest: dict[str, Any], check: bool, times: dict[str, float]) -> None:
@@ -179,12 +190,15 @@ def check_onnx_parity(model: Any, path: Path, layout: list[dict[str, Any]], max_
     return summary
 
 
-def build_plan(engine_dir: str | Path, *, workspace_gib: float | None = None) -> Path:
+def build_plan(engine_dir: str | Path, *, kind: str = "aot", workspace_gib: float | None = None) -> Path:
     """Parse <engine_dir>/model.onnx into a strongly typed TensorRT network with the v4 plugins registered, build
-    model.plan for the manifest's batch / length ranges, and rewrite the manifest. Needs TensorRT >= 10.9."""
-    from v4compile.plugins.tensorrt.plan import build_serialized_plan
+    model.plan for the manifest's batch / length ranges, and rewrite the manifest. Needs TensorRT >= 10.9.
+    kind "aot": per-kernel AOT plugins (no Python at run time); "jit": fused JIT plugins (plugins/tensorrt/plan.py)."""
+    from v4compile.plugins.tensorrt.plan import PLAN_KINDS, build_serialized_plan
     from v4compile.targets.trt_ops import BODIES_TRT
 
+    if kind not in PLAN_KINDS:
+        raise InputError(f"plan kind {kind!r}; expected one of {', '.join(PLAN_KINDS)}")
     root = Path(engine_dir)
     manifest = mf.read_manifest(root)
     if manifest["target"] != TENSORRT.name or not manifest.get("artifacts", {}).get("onnx"):
@@ -195,9 +209,11 @@ def build_plan(engine_dir: str | Path, *, workspace_gib: float | None = None) ->
                           f"import here ({why})")
     _verify(root, manifest)
     t0 = time.perf_counter()
-    plan = build_serialized_plan(root / manifest["artifacts"]["onnx"], manifest, BODIES_TRT, workspace_gib=workspace_gib)
+    plan = build_serialized_plan(root / manifest["artifacts"]["onnx"], manifest, BODIES_TRT, kind=kind,
+                                 workspace_gib=workspace_gib)
     (root / PLAN_FILE).write_bytes(plan)
     manifest["artifacts"]["plan"] = PLAN_FILE
+    manifest["artifacts"]["plan_kind"] = kind
     manifest["artifacts"].pop("plan_missing", None)
     manifest["build"]["stage_seconds"]["tensorrt plan"] = round(time.perf_counter() - t0, 2)
     mf.write_manifest(root, manifest)
@@ -228,15 +244,18 @@ def _torch_tensorrt(fp: Any, tmp: Path, manifest: dict[str, Any], precision: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m v4compile.targets.tensorrt build-plan ENGINE_DIR`: finish an ONNX-only tensorrt engine."""
+    """`python -m v4compile.targets.tensorrt build-plan ENGINE_DIR [--jit]`: finish an ONNX-only tensorrt engine
+    (AOT kernel plugins by default; --jit: the fused JIT plugins, Python at run time)."""
     from v4compile.errors import V4Error
 
     args = sys.argv[1:] if argv is None else argv
+    jit = "--jit" in args
+    args = [a for a in args if a != "--jit"]
     if len(args) != 2 or args[0] != "build-plan":
-        print("usage: python -m v4compile.targets.tensorrt build-plan ENGINE_DIR", file=sys.stderr)
+        print("usage: python -m v4compile.targets.tensorrt build-plan ENGINE_DIR [--jit]", file=sys.stderr)
         return 2
     try:
-        path = build_plan(args[1])
+        path = build_plan(args[1], kind="jit" if jit else "aot")
     except V4Error as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,10 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from v4compile.errors import UnsupportedOpError
+from v4compile.plugins.tensorrt.dims import cdiv, smax, smin
 
 DOMAIN = "v4.trt"  # ONNX domain of plugin nodes and their local functions
 NAMESPACE = "v4trt"  # TensorRT plugin namespace = the functional torch ops' namespace: ids "v4trt::<name>"
 VERSION = "1"  # plugin_version attribute TensorRT's ONNX parser reads
+KERNEL_DOMAIN = "v4.trt.aot"  # ONNX domain of the per-kernel (AOT) plugin nodes of the TensorRT expansion
+KERNEL_NAMESPACE = "v4trt_aot"  # their TensorRT plugin namespace = their torch ops' namespace
+EXPAND_DOMAIN = "v4.trt.expand"  # ONNX domain of each fused node's expansion into kernel plugin nodes (AOT plans)
 
 Shape = tuple[Any, ...]
 
@@ -146,3 +150,121 @@ def get_spec(name: str) -> PluginSpec:
     if name not in SPECS:
         raise UnsupportedOpError(f"no TensorRT plugin {name!r}; plugins: {', '.join(SPECS)}")
     return SPECS[name]
+
+
+# ---------------------------------------------------------------------------------------------- AOT kernel plugins
+
+
+@dataclass(frozen=True)
+class KernelSpec(PluginSpec):
+    """An AOT plugin: exactly ONE Triton kernel launch (TensorRT's `trtp.aot_impl` returns one compiled kernel).
+
+    The kernel receives, in this order, the input pointers (`inputs`), the int32 scalars `extras` (TensorRT
+    SymInt32 expressions of the input shapes), then the output pointers (`outputs`), which is the argument order
+    TensorRT's AOT plugin launch uses. Outputs named in `updates` are ALIASED to the input of the same name
+    (`TensorDesc.aliased()`): the kernel updates that buffer in place, as the plugins/triton launcher does.
+    Attributes are baked into the compiled kernel (AOT attributes are not serialised into the engine)."""
+
+    kernel: str = ""  # the plugins/triton kernel this launch runs, "<module>.<function>"
+    extras: tuple[str, ...] = ()
+
+    @property
+    def plugin_id(self) -> str:
+        return f"{KERNEL_NAMESPACE}::{self.name}"
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        """Runtime parameters of the compiled kernel, in launch order (excluding Triton's two hidden scratch
+        pointers, which TensorRT pads with null)."""
+        return (*self.inputs, *self.extras, *self.output_names)
+
+
+TOPK_MAX_CHUNKS = 256  # chunks per score row in the top-k passes = radix_topk.MAX_CHUNKS (tested equal)
+TOPK_WS_INTS = 1024  # int32 per score row of the top-k workspace = radix_topk.WS_INTS (tested equal)
+
+
+def topk_chunks(rows: Any, n: Any, block: int, n_sms: int) -> tuple[Any, Any]:
+    """(chunk, n_chunks) of the top-k passes over `rows` score rows of `n` keys: the formula of
+    radix_topk.launch_select (about two programs per SM, at most TOPK_MAX_CHUNKS chunks, whole blocks)."""
+    n_chunks = smax(1, smin(smin(cdiv(n, block), TOPK_MAX_CHUNKS), cdiv(2 * n_sms, rows)))
+    chunk = cdiv(cdiv(n, n_chunks), block) * block
+    return chunk, smax(1, cdiv(n, chunk))
+
+
+_TOPK_ATTRS = (("k", "int"), ("ratio", "int"), ("n_sms", "int"), ("capacity", "int"))
+_TOPK_EXTRAS = ("T", "N", "chunk", "n_chunks")
+
+
+def _rows(name: str, width: Callable[[dict[str, Any]], Any]) -> OutputRule:
+    """An int32 [score rows, width] output."""
+    return OutputRule(name, lambda s, a: (s["scores"][0], width(a)), "int32")
+
+
+_KERNELS = (
+    KernelSpec(
+        name="compress_pool", kernel="compressor._pool_kernel",
+        inputs=("kv_proj", "gate_proj", "ape", "norm_weight", "inv_freq", "start_pos", "kv_state", "score_state",
+                "cache"),
+        attrs=(("ratio", "int"), ("norm_eps", "float"), ("rotate", "bool")), extras=("T", "N1"),
+        outputs=_updated(("cache",)), updates=("cache",),
+        doc="compressor pass 1: pool every block that completes in this chunk into its cache row (in place)"),
+    KernelSpec(
+        name="compress_state", kernel="compressor._state_kernel",
+        inputs=("kv_proj", "gate_proj", "ape", "start_pos", "kv_state", "score_state", "after"),
+        attrs=(("ratio", "int"),), extras=("T",),
+        outputs=_updated(("kv_state", "score_state")), updates=("kv_state", "score_state"),
+        doc="compressor pass 2: rewrite the state rows in place; `after` (compress_pool's output, not read) orders "
+            "it after the pass that reads the old rows"),
+    KernelSpec(
+        name="indexer_scores", kernel="indexer_topk._scores_kernel",
+        inputs=("q", "weights", "k_cache", "positions"), attrs=(("ratio", "int"), ("n_sms", "int")),
+        extras=("T", "N", "tiles"),
+        outputs=(OutputRule("scores", lambda s, a: (s["q"][0] * s["q"][1], s["k_cache"][1] - 1), "float32"),
+                 OutputRule("ws", lambda s, a: (s["q"][0] * s["q"][1], TOPK_WS_INTS), "int32")),
+        doc="lightning-indexer scores [B*T, N] of the visible blocks (k_cache is the whole cache, its last row the "
+            "scratch row; entries past a row's visible blocks are not written and never read), and the top-k "
+            "workspace ws [B*T, 1024] zeroed"),
+    KernelSpec(
+        name="topk_hist", kernel="radix_topk._hist_kernel",
+        inputs=("scores", "positions", "ws"), attrs=(("level", "int"), *_TOPK_ATTRS), extras=_TOPK_EXTRAS[:3],
+        outputs=_updated(("ws",)), updates=("ws",),
+        doc="radix top-k pass `level` (1..3): histogram of one byte of the keys whose higher bytes match, added "
+            "into the workspace in place (level 3 does nothing unless the 16-bit prefix leaves more than `capacity` keys)"),
+    KernelSpec(
+        name="topk_compact", kernel="radix_topk._compact_kernel",
+        inputs=("scores", "positions", "ws"), attrs=_TOPK_ATTRS, extras=_TOPK_EXTRAS,
+        outputs=(_rows("runs", lambda a: 3 * TOPK_MAX_CHUNKS), _rows("cand", lambda a: 2 * a["capacity"]),
+                 *_updated(("ws",))), updates=("ws",),
+        doc="radix top-k: every chunk appends its keys at or above the 16-bit threshold prefix to the row's "
+            "candidate list (`capacity` keys) as one run; the run count lives in ws"),
+    KernelSpec(
+        name="topk_finish", kernel="radix_topk._finish_kernel",
+        inputs=("scores", "positions", "ws", "runs", "cand"), attrs=_TOPK_ATTRS,
+        extras=_TOPK_EXTRAS,
+        outputs=(OutputRule("idx", lambda s, a: (s["scores"][0], a["k"]), "int32"), *_updated(("runs", "cand"))),
+        updates=("runs", "cand"),
+        doc="radix top-k, one program per row: sort the runs, resolve the last two bytes, write the picks (above "
+            "the threshold ascending, then the lowest-index ties, then -1); reorders runs / cand in place"),
+    KernelSpec(
+        name="sparse_attention", kernel="sparse_attention._sparse_attn_kernel",
+        inputs=("q", "kv", "idx", "kv2", "idx2", "sink"), attrs=(("scale", "float"),),
+        extras=("T", "H", "D", "N", "N2", "K", "K2"), outputs=(OutputRule("out", _same("q"), "same:q"),),
+        doc="one softmax over kv[idx] and kv2[idx2] plus the sink, unsplit (one program per query and head block)"),
+    KernelSpec(
+        name="moe_route", kernel="moe_route._router_kernel",
+        inputs=MOE_ROUTE.inputs, attrs=MOE_ROUTE.attrs, extras=("N", "E", "D"), outputs=MOE_ROUTE.outputs,
+        doc="the router in one launch (hidden dim unsplit): " + MOE_ROUTE.doc),
+)
+AOT_BY_REFERENCE = ("moe_experts",)
+"""Fused plugins an AOT plan computes with their reference function (TensorRT layers) instead of kernel plugins:
+the network holds dequantised float experts and the Triton MoE kernels take FP8 experts only. Every other fused
+plugin has a per-kernel composition (targets/trt_ops.AOT_BODIES)."""
+KERNEL_SPECS: dict[str, KernelSpec] = {k.name: k for k in _KERNELS}
+"""Kernel plugin name -> spec: the per-kernel plugins TensorRT gets when the fused nodes are expanded for an AOT
+plan (targets/trt_ops.AOT_BODIES composes each fused op from them)."""
+
+
+def get_kernel_spec(name: str) -> KernelSpec:
+    if name not in KERNEL_SPECS:
+        raise UnsupportedOpError(f"no AOT kernel plugin {name!r}; kernel plugins: {', '.join(KERNEL_SPECS)}")
+    return KERNEL_SPECS[name]

@@ -1,27 +1,27 @@
 """TensorRT Python plugins (`tensorrt.plugin`, TensorRT >= 10.9) for the V4 ops of specs.SPECS.
 
-For each spec: `trtp.register("v4trt::<name>")` with a descriptor function whose signature (TensorDesc inputs,
-typed attributes) and output rule come from the spec, and `trtp.impl` (JIT: TensorRT calls back into Python on
-its stream; the body is the functional reference the tensorrt target lowers to, run with torch on the GPU).
+Two sets, two registration calls:
+- `register_plugins(bodies)`: the FUSED plugins (specs.SPECS, ids "v4trt::<name>"), one node per fused op, with a
+  JIT implementation (`trtp.impl`: TensorRT calls back into Python on its stream and runs the functional
+  reference body with torch). Plans built from them need Python at run time.
+- `register_kernel_plugins()`: the per-kernel AOT plugins (specs.KERNEL_SPECS, ids "v4trt_aot::<name>"), one
+  Triton kernel launch each, with ONLY an AOT implementation (`trtp.aot_impl` returns the kernel name, its sm_90
+  PTX, the launch parameters and the int32 extra arguments, all from plugins/tensorrt/aot.py); in-place outputs
+  are declared `aliased()`. An AOT plan (fused nodes expanded, plugins/tensorrt/plan.py) runs without Python.
+Registering only one implementation per plugin leaves TensorRT no JIT / AOT choice to make.
 
-Not here, and why: `trtp.aot_impl` returns ONE compiled kernel with its launch parameters per plugin, while each
-fused op is several Triton kernels (csa_attention: two compressor passes, indexer scores + radix top-k in four
-kernels, sparse attention; moe_route: one or two). AOT plugins need the graph split into one plugin node per
-kernel (compress, indexer_topk, sparse_attention, ...) or one fused kernel per op; until then engines with these
-plugins need Python at run time (docs/TENSORRT.md).
-
-This module imports without TensorRT: `plugin_signature` (the pure-Python description) is tested here; calling
-`register_plugins` without TensorRT raises TargetError.
+This module imports without TensorRT: `plugin_signature` / `aot_signature` (the pure-Python descriptions) are
+tested here; both registration calls raise TargetError without TensorRT.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, Tuple
+from typing import Any, Tuple, Union
 
 from v4compile.errors import TargetError
-from v4compile.plugins.tensorrt.specs import SPECS, PluginSpec
+from v4compile.plugins.tensorrt.specs import KERNEL_SPECS, SPECS, PluginSpec
 
 _ATTR_PY = {"float": float, "int": int, "bool": bool}
 _REGISTERED: set[str] = set()
@@ -53,7 +53,9 @@ def _bind(spec: PluginSpec, args: tuple, kwargs: dict) -> tuple[list[Any], dict[
     return [bound[n] for n in spec.inputs], {n: bound[n] for n in spec.attr_names}
 
 
-def _descriptor(spec: PluginSpec, trt: Any, trtp: Any) -> Callable:
+def _descriptor(spec: PluginSpec, trt: Any, trtp: Any, aliased: bool = False) -> Callable:
+    """The trtp.register function; `aliased`: the spec's updated outputs share their input's buffer (AOT kernels
+    update in place), else they are new tensors like the input (JIT plugins copy into them)."""
     dtypes = {"float32": trt.float32, "int64": trt.int64, "int32": trt.int32}
 
     def desc(*args: Any, **kwargs: Any) -> Any:
@@ -61,8 +63,10 @@ def _descriptor(spec: PluginSpec, trt: Any, trtp: Any) -> Callable:
         named = dict(zip(spec.inputs, tensors))
         shapes = spec.output_shapes([t.shape_expr for t in tensors], attrs)
         outs = []
-        for rule, shape in zip(spec.outputs, shapes):
-            if rule.dtype.startswith("same:"):
+        for j, (rule, shape) in enumerate(zip(spec.outputs, shapes)):
+            if aliased and j >= spec.n_results:
+                outs.append(named[spec.updates[j - spec.n_results]].aliased())
+            elif rule.dtype.startswith("same:"):
                 outs.append(named[rule.dtype.removeprefix("same:")].like())
             else:
                 outs.append(trtp.from_shape_expr(tuple(shape), dtype=dtypes[rule.dtype]))
@@ -112,6 +116,72 @@ def register_plugins(bodies: dict[str, Callable]) -> list[str]:
             raise TargetError(f"no functional body for plugin {spec.plugin_id}")
         trtp.register(spec.plugin_id)(_descriptor(spec, trt, trtp))
         trtp.impl(spec.plugin_id)(_jit_impl(spec, bodies[name], trtp))
+        _REGISTERED.add(spec.plugin_id)
+        done.append(spec.plugin_id)
+    return done
+
+
+def aot_signature(spec: PluginSpec, tensor_type: Any, out_type: Any) -> inspect.Signature:
+    """The signature trtp.aot_impl inspects: inputs, attributes, then `outputs` and `tactic`."""
+    sig = plugin_signature(spec, tensor_type, out_type)
+    params = [*sig.parameters.values(),
+              inspect.Parameter("outputs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Tuple[tensor_type]),  # noqa: UP006
+              inspect.Parameter("tactic", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)]
+    return inspect.Signature(params, return_annotation=out_type)
+
+
+def trt_dtype_names(trt: Any) -> dict[Any, str]:
+    """tensorrt.DataType -> the dtype names of specs / aot.TRITON_DTYPES."""
+    names = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "int32": "int32", "int64": "int64",
+             "int8": "int8", "uint8": "uint8", "bool": "bool", "fp8": "float8_e4m3fn"}
+    return {getattr(trt, k): v for k, v in names.items() if hasattr(trt, k)}
+
+
+def aot_result(spec: PluginSpec, shapes: list[Any], dtypes: list[str], attrs: dict[str, Any], trtp: Any) -> tuple:
+    """(kernel name, PTX, trtp.KernelLaunchParams, trtp.SymIntExprs) for one kernel plugin instance."""
+    from v4compile.plugins.tensorrt.aot import compile_plan, describe
+
+    plan = describe(spec.name, shapes, dtypes, attrs)
+    compiled = compile_plan(plan)
+    params = trtp.KernelLaunchParams()
+    params.grid_x, params.grid_y, params.grid_z = plan.grid
+    params.block_x = compiled.block_x
+    params.shared_mem = compiled.shared_mem
+    extra = trtp.SymIntExprs(len(plan.extras))
+    for i, e in enumerate(plan.extras):
+        extra[i] = trtp.SymInt32(e)
+    return compiled.name, compiled.ptx, params, extra
+
+
+def _aot_impl(spec: PluginSpec, trt: Any, trtp: Any) -> Callable:
+    n = len(spec.inputs) + len(spec.attrs)
+    names = trt_dtype_names(trt)
+
+    def impl(*args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("outputs", None)  # TensorRT's output descriptors: the plan derives everything from the inputs
+        kwargs.pop("tactic", None)
+        tensors, attrs = _bind(spec, args[:n], kwargs)
+        return aot_result(spec, [tuple(t.shape_expr) for t in tensors], [names[t.dtype] for t in tensors], attrs,
+                          trtp)
+
+    ret = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]  # noqa: UP006,UP007
+    return _typed(impl, aot_signature(spec, trtp.TensorDesc, ret), f"{spec.name}_aot_impl")
+
+
+def register_kernel_plugins() -> list[str]:
+    """Register every per-kernel AOT plugin with TensorRT (descriptor + aot_impl only; idempotent)."""
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin as trtp
+    except Exception as e:
+        raise TargetError(f"registering the v4 AOT kernel plugins needs tensorrt >= 10.9 with tensorrt.plugin "
+                          f"({type(e).__name__}: {e})") from e
+    done = []
+    for spec in KERNEL_SPECS.values():
+        if spec.plugin_id in _REGISTERED:
+            continue
+        trtp.register(spec.plugin_id)(_descriptor(spec, trt, trtp, aliased=True))
+        trtp.aot_impl(spec.plugin_id)(_aot_impl(spec, trt, trtp))
         _REGISTERED.add(spec.plugin_id)
         done.append(spec.plugin_id)
     return done

@@ -13,7 +13,7 @@ import torch
 from v4compile.errors import InputError, TargetError
 from v4compile.model.config import ModelConfig
 from v4compile.model.reference import ReferenceModel
-from v4compile.plugins.tensorrt.specs import DOMAIN, NAMESPACE, SPECS
+from v4compile.plugins.tensorrt.specs import AOT_BY_REFERENCE, DOMAIN, EXPAND_DOMAIN, NAMESPACE, SPECS
 from v4compile.runtime import manifest as mf
 from v4compile.targets.onnx_export import round_e2m1_arith, ue8m0_scale_arith
 from v4compile.targets.onnx_functions import node_attrs, overload_key
@@ -101,6 +101,25 @@ def test_plugin_node_attributes_round_trip(built, manifest, tiny):
         assert n.overload == overload_key(SPECS[n.op_type], node_attrs(n))
         assert len(f.input) == len(n.input) and len(f.output) == len(n.output) == len(SPECS[n.op_type].outputs)
     assert {(d, name) for d, name, _ in functions} == {(DOMAIN, op) for op, _ in want}
+
+
+def test_aot_expansions_prepare_into_one_kernel_plugin_per_launch(built, manifest, tiny):
+    """Every csa / hca / moe_route overload carries its expansion (domain v4.trt.expand); prepared for an AOT
+    plan the graph holds standard ops plus v4.trt.aot kernel plugin nodes only, moe_experts inlined."""
+    from v4compile.plugins.tensorrt.plan import prepare_aot_model
+
+    model = onnx.load(str(built[0] / "model.onnx"), load_external_data=False)
+    fused = {(n.op_type, n.overload) for n in model.graph.node if n.domain == DOMAIN}
+    expansions = {(f.name, f.overload) for f in model.functions if f.domain == EXPAND_DOMAIN}
+    assert expansions == {x for x in fused if x[0] not in AOT_BY_REFERENCE}
+    ops = [op for op, _ in _expected_plugin_nodes(tiny.cfg)]
+    n_csa, n_hca, n_moe = ops.count("csa_attention"), ops.count("hca_attention"), ops.count("moe_route")
+    prepared, counts = prepare_aot_model(model)
+    assert counts == {"compress_pool": 2 * n_csa + n_hca, "compress_state": 2 * n_csa + n_hca,
+                      "indexer_scores": n_csa, "topk_hist": 3 * n_csa, "topk_compact": n_csa, "topk_finish": n_csa,
+                      "sparse_attention": n_csa + n_hca, "moe_route": n_moe}, counts
+    assert not [n for n in prepared.graph.node if n.domain in (DOMAIN, EXPAND_DOMAIN)]
+    assert manifest["plugins"]["aot"]["by_reference"] == ["moe_experts"]
 
 
 def _compare(what, got, ref, tol):
