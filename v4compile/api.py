@@ -115,7 +115,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
         kernels: dict[str, str] = {}
         if parallel_wanted(len(entries)):  # each program in its own process: capture .. compile in parallel
             with stages(f"capture, passes, lower, AOTInductor compile ({len(entries)} programs in parallel)"):
-                built = build_entries_parallel(source, model, job, entries, tmp)
+                built = build_entries_parallel(source, model, job, entries)
             files = {entry: b["files"] for entry, b in built.items()}
             for entry, b in built.items():
                 kernels.update(b["kernels"])

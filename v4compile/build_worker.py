@@ -21,6 +21,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,13 +88,18 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
 
 
-def build_entries_parallel(source: Any, model: Any, job: EntryJob, entries: tuple[str, ...],
-                           scratch: Path) -> dict[str, dict[str, Any]]:
-    """Build every entry point in its own worker process; {entry: {"files", "kernels", "seconds"}}.
-    scratch: a directory the caller removes (the engine's temp dir). ExportError naming the entry point and
-    the worker's last error line when a worker fails (the others are stopped)."""
-    work_root = scratch / "workers"
-    work_root.mkdir(parents=True, exist_ok=True)
+def build_entries_parallel(source: Any, model: Any, job: EntryJob,
+                           entries: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Build every entry point in its own worker process; {entry: {"files", "kernels", "seconds"}} (the files lie
+    in Inductor's cache directory, as for an in-process compile). ExportError naming the entry point and the
+    worker's last error line when a worker fails (the others are stopped). Job files and logs go to a temporary
+    directory removed at the end."""
+    with tempfile.TemporaryDirectory(prefix="v4compile-build-") as scratch:
+        return _run_workers(source, model, job, entries, Path(scratch))
+
+
+def _run_workers(source: Any, model: Any, job: EntryJob, entries: tuple[str, ...],
+                 work_root: Path) -> dict[str, dict[str, Any]]:
     spec = _source_spec(source, model, work_root)
     procs = []
     try:
@@ -111,6 +117,7 @@ def build_entries_parallel(source: Any, model: Any, job: EntryJob, entries: tupl
             done = work / "result.json"
             if rc != 0 or not done.exists():
                 lines = (work / "worker.log").read_text(errors="replace").strip().splitlines()
+                log.debug("%s worker log (last 40 lines):\n%s", entry, "\n".join(lines[-40:]))
                 last = next((line.strip() for line in reversed(lines) if line.strip()), f"exit code {rc}")
                 raise ExportError(f"building the {entry} entry point failed (worker exit {rc}): {last[:400]}")
             results[entry] = json.loads(done.read_text())

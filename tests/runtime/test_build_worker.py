@@ -2,10 +2,13 @@
 stops the others; the parent's weights reach workers that cannot rebuild the model from a name.
 The success path is the session engine of tests/runtime/conftest.py (prefill + trace built in parallel)."""
 
+import json
+
 import pytest
 import torch
 
-from v4compile.build_worker import EntryJob, _source_spec, build_entries_parallel, parallel_wanted
+from v4compile import build_worker
+from v4compile.build_worker import EntryJob, _run_workers, _source_spec, build_entries_parallel, parallel_wanted
 from v4compile.errors import ExportError
 from v4compile.model.checkpoint import model_from_state_dict
 from v4compile.model.config import ModelConfig
@@ -38,6 +41,21 @@ def test_failing_worker_names_entry_and_error(tmp_path):
     model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.float32).eval()
     job = EntryJob("cpu", "fp64", max_len=32, max_batch=2, allow_lossy_repack=False)  # no such precision
     with pytest.raises(ExportError, match=r"building the (prefill|trace) entry point failed .*fp64"):
-        build_entries_parallel(model, model, job, ("prefill", "trace"), tmp_path)
-    logs = sorted(p.parent.name for p in tmp_path.glob("workers/*/worker.log"))
+        _run_workers(model, model, job, ("prefill", "trace"), tmp_path)
+    logs = sorted(p.parent.name for p in tmp_path.glob("*/worker.log"))
     assert logs == ["prefill", "trace"]  # both workers started, from the saved weights
+    assert (tmp_path / "model.pt").exists()
+
+
+def test_scratch_is_removed(monkeypatch):
+    seen = []
+    monkeypatch.setattr(build_worker, "_run_workers", lambda *a: seen.append(a[-1]) or {})
+    assert build_entries_parallel("tiny", None, None, ("prefill", "trace")) == {}
+    assert seen and not seen[0].exists()
+
+
+def test_session_engine_holds_only_its_artefacts(engine_dir):
+    # the session engine (prefill + trace) was built by two workers: nothing of theirs lands in the engine
+    assert sorted(p.name for p in engine_dir.iterdir()) == ["manifest.json", "model.pt2"]
+    stages = json.loads((engine_dir / "manifest.json").read_text())["build"]["stage_seconds"]
+    assert any("2 programs in parallel" in name for name in stages)
