@@ -23,8 +23,7 @@ from v4compile.validate import calc_diff
 
 
 def _run(engine: Engine, batch: int, context: int, steps: int, graphs: bool) -> tuple[list[torch.Tensor], list[float], float]:
-    engine.decode_mode = "cuda-graph" if graphs else "uncaptured (off)"
-    engine._decode_graphs = {}
+    engine.use_cuda_graphs(graphs)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, engine.vocab_size, (1, context), generator=g)
     session = engine.new_session(batch)

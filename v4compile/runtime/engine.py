@@ -64,7 +64,13 @@ class Engine:
         self._decode_graphs: dict[tuple, _DecodeGraph] = {}
         # how decode runs on a GPU: "cuda-graph" (captured per batch size and cache set, replayed), or
         # "uncaptured (<why>)" after a capture failed, or when V4COMPILE_CUDA_GRAPHS=0
-        self.decode_mode = "cuda-graph" if os.environ.get("V4COMPILE_CUDA_GRAPHS", "1") != "0" else "uncaptured (off)"
+        self.decode_mode = ""
+        self.use_cuda_graphs(os.environ.get("V4COMPILE_CUDA_GRAPHS", "1") != "0")
+
+    def use_cuda_graphs(self, enabled: bool) -> None:
+        """Decode through captured CUDA graphs (the default on a GPU) or plain launches; drops captured graphs."""
+        self.decode_mode = "cuda-graph" if enabled else "uncaptured (off)"
+        self._decode_graphs = {}
 
     # ------------------------------------------------------------------ sessions
 
