@@ -143,14 +143,47 @@ def _swap_v4_nodes(gm: torch.fx.GraphModule) -> dict[str, str]:
     return kinds
 
 
-def capture_for_tensorrt(model: Any, entry: str, max_len: int) -> Captured:
-    """capture + PIPELINE with exportable_scales (the model's own fake-quantisation, e.g. of the KV rows, is traced
-    into the captured graph: it must not hold bit casts either)."""
+def capture_for_tensorrt(model: Any, entry: str, max_len: int, precision: str = "fp32") -> Captured:
+    """capture + pipeline_for(precision) with exportable_scales (the model's own fake-quantisation, e.g. of the KV
+    rows, is traced into the captured graph: it must not hold bit casts either); fp8 adds quantize_moe_experts."""
     from v4compile.graph.capture import capture
     from v4compile.graph.passes import run_pipeline
 
     with exportable_scales():
-        return run_pipeline(capture(model, entry, max_len=max_len))
+        return run_pipeline(capture(model, entry, max_len=max_len), precision=precision)
+
+
+def keep_fp8_experts(gm: torch.fx.GraphModule) -> int:
+    """fp8 builds: every v4::moe_experts node whose experts are constant e4m3 (quantize_moe_experts' result)
+    becomes the plugin op v4trt::moe_experts_fp8 with the SAME e4m3 weights (ONNX FLOAT8E4M3FN initialisers) and
+    float32 block scales (UE8M0 scales widened, exact: ONNX opset 20 and the kernels' f32 path take no e8m0);
+    runs before fold_weight_dequant, which then leaves these nodes alone. Returns the number of nodes."""
+    import functools
+
+    def attr(node: Any) -> Tensor | None:
+        if not isinstance(node, torch.fx.Node) or node.op != "get_attr":
+            return None
+        return functools.reduce(getattr, node.target.split("."), gm)
+
+    n = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.v4.moe_experts.default:
+            continue
+        ws = [attr(node.args[i]) for i in range(3, 9)]
+        if any(w is None for w in ws) or any(ws[i].dtype != torch.float8_e4m3fn for i in (0, 2, 4)):
+            continue
+        args = list(node.args)
+        for i in (4, 6, 8):  # the scales
+            if ws[i - 3].dtype != torch.float32:
+                name = f"_v4_fp8_scale_{n}_{i}"
+                gm.register_buffer(name, ws[i - 3].float().contiguous())
+                with gm.graph.inserting_before(node):
+                    args[i] = gm.graph.get_attr(name)
+        node.args, node.target = tuple(args), trt_ops.op("moe_experts_fp8")
+        n += 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return n
 
 
 @dataclass
@@ -163,14 +196,21 @@ class FunctionalProgram:
     example: tuple[Tensor, ...]
 
 
-def lower_for_plugins(g: Captured, example: tuple[Tensor, ...], max_batch: int) -> FunctionalProgram:
+def lower_for_plugins(g: Captured, example: tuple[Tensor, ...], max_batch: int,
+                      fp8_experts: bool = False) -> FunctionalProgram:
     """Lower a captured + PIPELINE'd entry point for the tensorrt target (module doc); `example` sized so no dim
-    is 0/1-specialised (as for targets/lower.lower)."""
+    is 0/1-specialised (as for targets/lower.lower). fp8_experts (fp8 builds): keep_fp8_experts first."""
     try:
         gm = g.program.module(check_guards=False)
     except TypeError:  # torch < 2.13 has no check_guards argument
         gm = g.program.module()
-    kernels = {op: "reference (weights dequantised at build)" for op in fold_weight_dequant(gm)}
+    kernels = {}
+    if fp8_experts:
+        if not keep_fp8_experts(gm):
+            raise UnsupportedOpError("fp8 tensorrt build: no v4::moe_experts node with constant e4m3 experts after "
+                                     "quantize_moe_experts")
+        kernels["v4::moe_experts"] = "plugin v4trt::moe_experts_fp8 (e4m3 experts, float32 block scales)"
+    kernels.update({op: "reference (weights dequantised at build)" for op in fold_weight_dequant(gm)})
     fold_constants(gm)
     kernels.update(_swap_v4_nodes(gm))
     b = Dim("batch", min=1, max=max_batch)

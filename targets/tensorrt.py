@@ -34,7 +34,7 @@ from v4compile.runtime import manifest as mf
 from v4compile.targets.base import Target
 
 TENSORRT = Target(
-    name="tensorrt", arch="sm_90", device="cuda", precisions=("fp32", "bf16"), kernel_policy="plugins",
+    name="tensorrt", arch="sm_90", device="cuda", precisions=("fp32", "bf16", "fp8"), kernel_policy="plugins",
     tested=False, separate_decode=False, max_batch=256, max_len=1 << 20,
     notes="fused V4 ops as TensorRT plugins (v4::<op>); ONNX half checked with onnxruntime on CPU; .plan built "
           "where TensorRT >= 10.9 is installed (not on this project's machines)",
@@ -67,9 +67,12 @@ def build_tensorrt(model: Any, out_dir: str | Path, *, via: str = "onnx", precis
     if via not in VIAS:
         raise InputError(f"via {via!r}; expected one of {', '.join(VIAS)}")
     act = TENSORRT.act_dtype(precision)
-    if getattr(model, "act_dtype", None) != act:
+    # fp8 = FP8 experts: bf16 activations as deployed, or float32 ones (the form onnxruntime's CPU provider, which
+    # has no bfloat16 kernels, checks against eager; the same kernels take both)
+    allowed = (act, torch.float32) if precision == "fp8" else (act,)
+    if getattr(model, "act_dtype", None) not in allowed:
         raise ConfigError(f"model activation dtype {getattr(model, 'act_dtype', None)} does not match precision "
-                          f"{precision} ({act})")
+                          f"{precision} ({' or '.join(map(str, allowed))})")
     if via == "torch_tensorrt" and (why := have_module("torch_tensorrt")):
         raise TargetError(f"--via torch_tensorrt needs torch_tensorrt (>= 2.6 with TensorRT >= 10.9), which does not "
                           f"import here ({why}); pip install torch-tensorrt, or build with --via onnx")
@@ -79,9 +82,9 @@ def build_tensorrt(model: Any, out_dir: str | Path, *, via: str = "onnx", precis
     times: dict[str, float] = {}
     with mf.atomic_engine_dir(out) as tmp:
         t0 = time.perf_counter()
-        g = capture_for_tensorrt(model, "prefill", max_len)
+        g = capture_for_tensorrt(model, "prefill", max_len, precision)
         ex = example_inputs(model, "prefill", 2, example_len(cfg, max_len), max_len)
-        fp = lower_for_plugins(g, ex, max(2, max_batch))
+        fp = lower_for_plugins(g, ex, max(2, max_batch), fp8_experts=precision == "fp8")
         times["capture + passes + lowering"] = round(time.perf_counter() - t0, 2)
         manifest = _manifest(model, precision, via, max_batch, max_len, fp, times)
         if via == "onnx":
@@ -110,7 +113,10 @@ def _manifest(model: Any, precision: str, via: str, max_batch: int, max_len: int
         "triton": None, "target": TENSORRT.name, "arch": TENSORRT.arch, "precision": precision,
         "tested_target": TENSORRT.tested, "config": model.cfg.to_dict(),
         "build": {"via": via, "max_batch": max_batch, "max_len": max_len, "stage_seconds": times,
-                  "weights": "dequantised float, external data (model.onnx.data)"},
+                  "activations": str(model.act_dtype).removeprefix("torch."),
+                  "weights": ("e4m3 experts + float32 block scales (moe_experts_fp8), other weights dequantised "
+                              "float" if precision == "fp8" else "dequantised float") + ", external data "
+                             "(model.onnx.data)"},
         "kernels": dict(sorted(fp.kernels.items())),
         "plugins": {"domain": DOMAIN, "nodes": nodes, "aot": _aot_summary(nodes)},
         "entry_points": {
@@ -143,9 +149,10 @@ def _onnx_half(model: Any, fp: Any, tmp: Path, manifest: dict[str, Any], check: 
     export_onnx(fp, tmp / ONNX_FILE)
     times["onnx export"] = round(time.perf_counter() - t0, 2)
     manifest["artifacts"].update(onnx=ONNX_FILE, onnx_data=DATA_FILE)
-    if check and manifest["precision"] != "fp32":
+    if check and manifest["build"]["activations"] != "float32":
         manifest["parity"] = {"ok": None, "skipped": "onnxruntime's CPU provider lacks bfloat16 kernels; the "
-                                                    "onnxruntime check runs for fp32 builds"}
+                                                    "onnxruntime check runs for float32 activations (fp32, or "
+                                                    "fp8 with a float32 model)"}
     elif check:
         t0 = time.perf_counter()
         manifest["parity"] = check_onnx_parity(model, tmp / ONNX_FILE, manifest["cache"]["tensors"],

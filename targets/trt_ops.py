@@ -66,8 +66,20 @@ def _moe_experts(x, weights, ids, w1, w3, w2, swiglu_limit):
     return moe_experts_dequantized(x, weights, ids, w1, w3, w2, swiglu_limit)
 
 
+def _moe_experts_fp8(x, weights, ids, w1, s1, w3, s3, w2, s2, swiglu_limit):
+    """v4::moe_experts on e4m3 experts: each weight dequantised (e4m3 x its float32 block scale, exact), then the
+    same math as the reference body (FP8 activation rows per 128 channels, acc_dtype matmuls rounded to the act
+    dtype, SwiGLU clamp, routing weight before W2, experts added in ascending order), written without
+    data-dependent shapes (every expert on every token, unrouted pairs masked) so that it exports to ONNX."""
+    from v4compile.quant.formats import dequant_fp8_block
+
+    return moe_experts_dequantized(x, weights, ids, dequant_fp8_block(w1, s1), dequant_fp8_block(w3, s3),
+                                   dequant_fp8_block(w2, s2), swiglu_limit)
+
+
 BODIES_TRT: dict[str, Callable[..., Any]] = {"csa_attention": _csa, "hca_attention": _hca,
-                                             "moe_route": _moe_route, "moe_experts": _moe_experts}
+                                             "moe_route": _moe_route, "moe_experts": _moe_experts,
+                                             "moe_experts_fp8": _moe_experts_fp8}
 """Plugin name -> functional plain-torch body (positional: tensor inputs, then attributes in spec order)."""
 
 
@@ -208,12 +220,28 @@ def _moe_route_k(x, gate_w, bias, tid2eid, token_ids, topk, route_scale, hash):
     return kernel_op("moe_route")(x, gate_w, bias, tid2eid, token_ids, topk, route_scale, hash)
 
 
+def _moe_experts_fp8_k(x, weights, ids, w1, s1, w3, s3, w2, s2, swiglu_limit):
+    """plugins/triton/moe_gemm's grouped path (what its launcher runs for a token count unknown at build time) as
+    six launches: FP8 rows of x (+ zeroed route counts), count, scatter into expert groups padded to BM, GEMM1 +
+    SwiGLU + h quantisation, GEMM2, combine."""
+    from v4compile.plugins.tensorrt.aot import moe_configs
+
+    E, inter, dim = w1.shape
+    bm = moe_configs(ids.shape[1], E, inter, dim)[0].block_m
+    xq, xs, counts = kernel_op("moe_quant_act")(x, E)
+    rank, counts = kernel_op("moe_count")(ids, counts)
+    sroute = kernel_op("moe_scatter")(ids, counts, rank, bm)
+    h, hs = kernel_op("moe_gemm1")(x, xq, xs, w1, w3, s1, s3, weights, ids, counts, sroute, swiglu_limit, bm)
+    o = kernel_op("moe_gemm2")(x, h, hs, w2, s2, ids, counts, sroute, bm)
+    return kernel_op("moe_combine")(o, ids, E)
+
+
 AOT_BODIES: dict[str, Callable[..., Any]] = {"csa_attention": _csa_k, "hca_attention": _hca_k,
-                                             "moe_route": _moe_route_k}
+                                             "moe_route": _moe_route_k, "moe_experts_fp8": _moe_experts_fp8_k}
 """Fused plugin name -> the same function (arguments and results as BODIES_TRT) composed of v4trt_aot kernel
-ops and torch glue. moe_experts has none: the network holds dequantised float experts, which the FP8 Triton MoE
-kernels do not take, so an AOT plan computes it with its reference function (TensorRT layers), as the h200
-target does for non-FP8 experts."""
+ops and torch glue. moe_experts (fp32 / bf16 builds) has none: the network holds dequantised float experts, which
+the FP8 Triton MoE kernels do not take, so an AOT plan computes it with its reference function (TensorRT layers),
+as the h200 target does for non-FP8 experts; fp8 builds carry moe_experts_fp8, composed of the six MoE kernels."""
 
 
 @contextlib.contextmanager

@@ -190,10 +190,85 @@ def _moe_route(s, dt, a, tg):
     return (N, E, D), (cdiv(N, cfg.block_m), 1, 1), cx, cfg.num_warps, cfg.num_stages
 
 
+def moe_configs(k: int, n_experts: int, inter: int, dim: int) -> tuple[Any, Any]:
+    """(GEMM1, GEMM2) configs of moe_gemm's launcher for a token count unknown at build time (its torch.export
+    case: the grouped path, BM 64): pick_configs("grouped", None, ...)."""
+    from v4compile.plugins.triton.moe_gemm import pick_configs
+
+    return pick_configs("grouped", None, k, n_experts, inter, dim)
+
+
+def _moe_quant_act(s, dt, a, tg):
+    N, d = s["x"]
+    d, E = _static(d, "the hidden width"), int(a["n_experts"])
+    return (N,), (cdiv(N, 16), d // 128, 1), dict(D=d, BR=16, E=E, EP=_pow2(E)), 4, None
+
+
+def _moe_count(s, dt, a, tg):
+    N, k = s["ids"]
+    k, E = _static(k, "experts per token"), _static(s["counts"][0], "experts")
+    R = N * k
+    return (R,), (cdiv(R, 1024), 1, 1), dict(K=k, E=E, BLOCK=1024), 4, None
+
+
+def _moe_scatter(s, dt, a, tg):
+    (R,), grid, cx, warps, stages = _moe_count(s, dt, a, tg)
+    E = cx["E"]
+    return (R,), grid, dict(K=cx["K"], E=E, BM=int(a["block_m"]), EP=_pow2(E), BLOCK=1024), warps, stages
+
+
+def _moe_problem(s, w: str, sc: str) -> tuple[int, int, int, int, int]:
+    """(E, out rows, reduction width, scale rows per block SCALE_BN, scale channels per block SK) of `w`/`sc`."""
+    E, O, K = (_static(x, f"{w} dims") for x in s[w])
+    so, sk = (_static(x, f"{sc} dims") for x in s[sc][1:])
+    return E, O, K, O // so, K // sk
+
+
+def _moe_gemm(s, a, gemm: int):
+    """(k, E, I, d, t_max, config) of GEMM `gemm` (1 or 2), checked against the launcher's block_m."""
+    from v4compile.plugins.tensorrt.specs import moe_tiles
+
+    N, k = s["ids"]
+    k = _static(k, "experts per token")
+    if gemm == 1:
+        E, I, d, _, _ = _moe_problem(s, "w1", "s1")
+    else:
+        E, d, I, _, _ = _moe_problem(s, "w2", "s2")
+    cfg = moe_configs(k, E, I, d)[gemm - 1]
+    if int(a["block_m"]) != cfg.block_m:
+        raise UnsupportedOpError(f"moe_gemm{gemm}: block_m {a['block_m']} != the launcher's grouped BM {cfg.block_m}")
+    return k, E, I, d, moe_tiles(N * k, cfg.block_m, E), cfg
+
+
+def _moe_gemm1(s, dt, a, tg):
+    k, E, I, d, tiles, cfg = _moe_gemm(s, a, 1)
+    _, _, _, sbn, sk = _moe_problem(s, "w1", "s1")
+    cx = dict(LIMIT=float(a["swiglu_limit"]), K=k, E=E, BM=cfg.block_m, BN=cfg.block_n, EP=_pow2(E),
+              SCALE_BN=sbn, SK=sk, ROUND=dt["x"] == "bfloat16")
+    return (I, d), (tiles * (I // cfg.block_n), 1, 1), cx, cfg.num_warps, cfg.num_stages
+
+
+def _moe_gemm2(s, dt, a, tg):
+    k, E, I, d, tiles, cfg = _moe_gemm(s, a, 2)
+    _, _, _, sbn, sk = _moe_problem(s, "w2", "s2")
+    cx = dict(K=k, E=E, BM=cfg.block_m, BN=cfg.block_n, EP=_pow2(E), SCALE_BN=sbn, SK=sk)
+    return (d, I), (tiles * (d // cfg.block_n), 1, 1), cx, cfg.num_warps, cfg.num_stages
+
+
+def _moe_combine(s, dt, a, tg):
+    N, k = s["ids"]
+    d = _static(s["o"][1], "the hidden width")
+    bd = min(1024, _pow2(d))
+    cx = dict(D=d, K=_static(k, "experts per token"), E=int(a["n_experts"]), BD=bd)
+    return (), (N, cdiv(d, bd), 1), cx, 4, None
+
+
 _DESCRIBE: dict[str, Callable] = {
     "compress_pool": _compress_pool, "compress_state": _compress_state, "indexer_scores": _indexer_scores,
     "topk_hist": _topk_hist, "topk_compact": _topk_compact, "topk_finish": _topk_finish,
-    "sparse_attention": _sparse_attention, "moe_route": _moe_route,
+    "sparse_attention": _sparse_attention, "moe_route": _moe_route, "moe_quant_act": _moe_quant_act,
+    "moe_count": _moe_count, "moe_scatter": _moe_scatter, "moe_gemm1": _moe_gemm1, "moe_gemm2": _moe_gemm2,
+    "moe_combine": _moe_combine,
 }
 
 

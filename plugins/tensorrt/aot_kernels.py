@@ -17,6 +17,8 @@ import triton.language as tl
 
 from v4compile.plugins.triton.compressor import _pool_kernel, _state_kernel
 from v4compile.plugins.triton.indexer_topk import _scores_kernel
+from v4compile.plugins.triton.moe_gemm import (_combine_kernel, _count_kernel, _gemm1_kernel, _gemm2_kernel,
+                                               _quant_act_kernel, _scatter_kernel)
 from v4compile.plugins.triton.moe_route import _router_kernel
 from v4compile.plugins.triton.radix_topk import _compact_kernel, _finish_kernel, _hist_kernel
 from v4compile.plugins.triton.sparse_attention import _sparse_attn_kernel
@@ -111,9 +113,67 @@ def v4trt_moe_route(x, gate_w, bias, tid2eid, token_ids, N, E, D, weights, ids,
                    TOPK=TOPK, KP=KP, SPLIT=1, HASH=HASH, HAS_BIAS=HAS_BIAS, FP32_DOT=FP32_DOT)
 
 
+# FP8 MoE experts (moe_gemm's grouped path, the one its launcher takes under torch.export): routes r = n * K + j,
+# no shared experts in the stack (v4::moe_experts), f32 block scales [E, O / SCALE_BN, K / SK].
+
+
+@triton.jit
+def v4trt_moe_quant_act(x, N, xq, xs, counts, D: tl.constexpr, BR: tl.constexpr, E: tl.constexpr,
+                        EP: tl.constexpr):
+    _quant_act_kernel(x_ptr=x, q_ptr=xq, s_ptr=xs, N=N, stride_xn=D, stride_qn=D, stride_sn=D // 128, BR=BR)
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):  # the launcher's torch.zeros of the route counts
+        ar = tl.arange(0, EP)
+        tl.store(counts + ar, tl.zeros([EP], dtype=tl.int32), mask=ar < E)
+
+
+@triton.jit
+def v4trt_moe_count(ids, counts, R, rank, counts_out, K: tl.constexpr, E: tl.constexpr, BLOCK: tl.constexpr):
+    _count_kernel(ids_ptr=ids, counts_ptr=counts_out, rank_ptr=rank, R=R, K_ROUTED=K, K_TOTAL=K, E_ROUTED=E,
+                  E_TOTAL=E, BLOCK=BLOCK)
+
+
+@triton.jit
+def v4trt_moe_scatter(ids, counts, rank, R, sroute, K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr,
+                      EP: tl.constexpr, BLOCK: tl.constexpr):
+    _scatter_kernel(ids_ptr=ids, counts_ptr=counts, rank_ptr=rank, sroute_ptr=sroute, R=R, K_ROUTED=K, K_TOTAL=K,
+                    E_ROUTED=E, E_TOTAL=E, BM=BM, EP=EP, BLOCK=BLOCK)
+
+
+@triton.jit
+def v4trt_moe_gemm1(x, xq, xs, w1, w3, s1, s3, weights, ids, counts, sroute, I, D, h, hs,
+                    LIMIT: tl.constexpr, K: tl.constexpr, E: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, EP: tl.constexpr, SCALE_BN: tl.constexpr, SK: tl.constexpr,
+                    ROUND: tl.constexpr):
+    _gemm1_kernel(a_ptr=xq, as_ptr=xs, wg_ptr=w1, wu_ptr=w3, sg_ptr=s1, su_ptr=s3, rw_ptr=weights, ids_ptr=ids,
+                  counts_ptr=counts, sroute_ptr=sroute, h_ptr=h, hs_ptr=hs, limit=LIMIT, I=I, D=D, K_ROUTED=K,
+                  K_TOTAL=K, E_ROUTED=E, E_TOTAL=E, stride_an=D, stride_asn=D // 128, stride_we=I * D, stride_wn=D,
+                  stride_se=(I // SCALE_BN) * (D // SK), stride_sn=D // SK, stride_hp=I, stride_hsp=I // 128,
+                  BM=BM, BN=BN, EP=EP, SCALE_BN=SCALE_BN, SK=SK, ROUTE_TILES=False, H_FP8=True, E8M0=False,
+                  ROUND=ROUND)
+
+
+@triton.jit
+def v4trt_moe_gemm2(x, h, hs, w2, s2, ids, counts, sroute, D, I, o,
+                    K: tl.constexpr, E: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, EP: tl.constexpr, SCALE_BN: tl.constexpr, SK: tl.constexpr):
+    _gemm2_kernel(a_ptr=h, as_ptr=hs, w_ptr=w2, s_ptr=s2, ids_ptr=ids, counts_ptr=counts, sroute_ptr=sroute,
+                  o_ptr=o, D=D, I=I, K_ROUTED=K, K_TOTAL=K, E_ROUTED=E, E_TOTAL=E, stride_ap=I,
+                  stride_asp=I // 128, stride_we=D * I, stride_wn=I, stride_se=(D // SCALE_BN) * (I // SK),
+                  stride_sn=I // SK, stride_op=D, BM=BM, BN=BN, EP=EP, SCALE_BN=SCALE_BN, SK=SK, ROUTE_TILES=False,
+                  E8M0=False)
+
+
+@triton.jit
+def v4trt_moe_combine(o, ids, y, D: tl.constexpr, K: tl.constexpr, E: tl.constexpr, BD: tl.constexpr):
+    _combine_kernel(o_ptr=o, ids_ptr=ids, y_ptr=y, D=D, K_ROUTED=K, K_TOTAL=K, E_ROUTED=E, E_TOTAL=E,
+                    stride_op=D, stride_yn=D, BD=BD)
+
+
 ENTRIES = {
     "compress_pool": v4trt_compress_pool, "compress_state": v4trt_compress_state,
     "indexer_scores": v4trt_indexer_scores, "topk_hist": v4trt_topk_hist, "topk_compact": v4trt_topk_compact,
     "topk_finish": v4trt_topk_finish, "sparse_attention": v4trt_sparse_attention, "moe_route": v4trt_moe_route,
+    "moe_quant_act": v4trt_moe_quant_act, "moe_count": v4trt_moe_count, "moe_scatter": v4trt_moe_scatter,
+    "moe_gemm1": v4trt_moe_gemm1, "moe_gemm2": v4trt_moe_gemm2, "moe_combine": v4trt_moe_combine,
 }
 """Kernel plugin name -> its entry kernel."""

@@ -138,10 +138,19 @@ MOE_EXPERTS = PluginSpec(
     name="moe_experts", inputs=("x", "weights", "ids", "w1", "w3", "w2"),
     attrs=(("swiglu_limit", "float"),),
     outputs=(OutputRule("y", lambda s, a: (s["x"][0], s["w2"][1]), "float32"),),
-    doc="routed experts: FP8 rows x expert weights (stored dequantised in this version), SwiGLU clamp, combine",
+    doc="routed experts: FP8 rows x expert weights (dequantised float: fp32 / bf16 builds), SwiGLU clamp, combine",
+)
+MOE_EXPERTS_FP8 = PluginSpec(
+    name="moe_experts_fp8", inputs=("x", "weights", "ids", "w1", "s1", "w3", "s3", "w2", "s2"),
+    attrs=(("swiglu_limit", "float"),),
+    outputs=(OutputRule("y", lambda s, a: (s["x"][0], s["w2"][1]), "float32"),),
+    doc="routed experts of an fp8 build: e4m3 experts w1/w3 [E, I, d], w2 [E, d, I] with float32 block scales "
+        "[E, O/b, K/c] (b a power of two <= 128, c in 32/64/128), FP8 activations per 128 channels, SwiGLU clamp, "
+        "combine = v4::moe_experts on e4m3 experts",
 )
 
-SPECS: dict[str, PluginSpec] = {s.name: s for s in (CSA_ATTENTION, HCA_ATTENTION, MOE_ROUTE, MOE_EXPERTS)}
+SPECS: dict[str, PluginSpec] = {s.name: s for s in (CSA_ATTENTION, HCA_ATTENTION, MOE_ROUTE, MOE_EXPERTS,
+                                                    MOE_EXPERTS_FP8)}
 """Plugin name -> spec. compress / indexer_scores / topk_select are not separate nodes in our graphs after
 PIPELINE (fuse_csa_attention / fuse_hca_attention absorb them), so they are parts of the two attention plugins."""
 
@@ -255,10 +264,64 @@ _KERNELS = (
         inputs=MOE_ROUTE.inputs, attrs=MOE_ROUTE.attrs, extras=("N", "E", "D"), outputs=MOE_ROUTE.outputs,
         doc="the router in one launch (hidden dim unsplit): " + MOE_ROUTE.doc),
 )
+
+
+def moe_tiles(routes: Any, block_m: int, n_experts: int) -> Any:
+    """Row tiles of the expert-grouped routes: moe_gemm.sort_routes' t_max = min(R, cdiv(R, BM) + E) (every tile
+    holds >= 1 route, each expert group adds < 1 padding tile), a shape expression of the route count R."""
+    return smin(routes, cdiv(routes, block_m) + n_experts)
+
+
+def _moe_rows(s: dict[str, Shape], a: dict[str, Any]) -> Any:
+    """Rows of the grouped buffers (sroute, h): t_max * BM, from the routes = ids rows x k."""
+    return moe_tiles(s["ids"][0] * s["ids"][1], a["block_m"], a["n_experts"]) * a["block_m"]
+
+
+_KERNELS += (
+    KernelSpec(
+        name="moe_quant_act", kernel="moe_gemm._quant_act_kernel", inputs=("x",), attrs=(("n_experts", "int"),),
+        extras=("N",),
+        outputs=(OutputRule("xq", lambda s, a: (s["x"][0], s["x"][1]), "float8_e4m3fn"),
+                 OutputRule("xs", lambda s, a: (s["x"][0], cdiv(s["x"][1], 128)), "float32"),
+                 OutputRule("counts", lambda s, a: (a["n_experts"],), "int32")),
+        doc="FP8 e4m3 rows of x with power-of-two scales per 128 channels; also zeroes the per-expert route "
+            "counts [E] that moe_count adds into (TensorRT outputs start uninitialised)"),
+    KernelSpec(
+        name="moe_count", kernel="moe_gemm._count_kernel", inputs=("ids", "counts"), attrs=(), extras=("R",),
+        outputs=(OutputRule("rank", lambda s, a: (s["ids"][0] * s["ids"][1],), "int32"), *_updated(("counts",))),
+        updates=("counts",),
+        doc="routes per expert (atomics into counts, in place) and each route's row inside its expert group"),
+    KernelSpec(
+        name="moe_scatter", kernel="moe_gemm._scatter_kernel", inputs=("ids", "counts", "rank"),
+        attrs=(("block_m", "int"),), extras=("R",),
+        outputs=(OutputRule("sroute", lambda s, a: (_moe_rows(s, {**a, "n_experts": s["counts"][0]}),), "int32"),),
+        doc="route ids grouped by expert, groups padded to block_m rows: [t_max * block_m] int32 (padding slots "
+            "unwritten, never read)"),
+    KernelSpec(
+        name="moe_gemm1", kernel="moe_gemm._gemm1_kernel",
+        inputs=("x", "xq", "xs", "w1", "w3", "s1", "s3", "weights", "ids", "counts", "sroute"),
+        attrs=(("swiglu_limit", "float"), ("block_m", "int")), extras=("I", "D"),
+        outputs=(OutputRule("h", lambda s, a: (s["sroute"][0], s["w1"][1]), "float8_e4m3fn"),
+                 OutputRule("hs", lambda s, a: (s["sroute"][0], cdiv(s["w1"][1], 128)), "float32")),
+        doc="grouped GEMM1: h = SwiGLU(x W1^T, x W3^T) x routing weight per grouped row, FP8-quantised per 128 "
+            "channels in the epilogue; x is not read (its dtype decides the bf16 rounding of g, u and h)"),
+    KernelSpec(
+        name="moe_gemm2", kernel="moe_gemm._gemm2_kernel",
+        inputs=("x", "h", "hs", "w2", "s2", "ids", "counts", "sroute"), attrs=(("block_m", "int"),),
+        extras=("D", "I"),
+        outputs=(OutputRule("o", lambda s, a: (s["ids"][0] * s["ids"][1], s["w2"][1]), "same:x"),),
+        doc="grouped GEMM2: each route's expert output row (act dtype); x is not read (it gives the act dtype)"),
+    KernelSpec(
+        name="moe_combine", kernel="moe_gemm._combine_kernel", inputs=("o", "ids"), attrs=(("n_experts", "int"),),
+        extras=(), outputs=(OutputRule("y", lambda s, a: (s["ids"][0], s["o"][1]), "float32"),),
+        doc="y[n] = sum of the token's route rows in slot order, fp32"),
+)
 AOT_BY_REFERENCE = ("moe_experts",)
 """Fused plugins an AOT plan computes with their reference function (TensorRT layers) instead of kernel plugins:
-the network holds dequantised float experts and the Triton MoE kernels take FP8 experts only. Every other fused
-plugin has a per-kernel composition (targets/trt_ops.AOT_BODIES)."""
+`moe_experts` of fp32 / bf16 builds, whose network holds dequantised float experts (the Triton MoE kernels take
+FP8 experts only). An fp8 build has `moe_experts_fp8` nodes instead, composed of the six MoE kernel plugins, so
+nothing of an fp8 AOT plan is computed by reference. Every other fused plugin has a per-kernel composition
+(targets/trt_ops.AOT_BODIES)."""
 KERNEL_SPECS: dict[str, KernelSpec] = {k.name: k for k in _KERNELS}
 """Kernel plugin name -> spec: the per-kernel plugins TensorRT gets when the fused nodes are expanded for an AOT
 plan (targets/trt_ops.AOT_BODIES composes each fused op from them)."""

@@ -56,7 +56,8 @@ def _bind(spec: PluginSpec, args: tuple, kwargs: dict) -> tuple[list[Any], dict[
 def _descriptor(spec: PluginSpec, trt: Any, trtp: Any, aliased: bool = False) -> Callable:
     """The trtp.register function; `aliased`: the spec's updated outputs share their input's buffer (AOT kernels
     update in place), else they are new tensors like the input (JIT plugins copy into them)."""
-    dtypes = {"float32": trt.float32, "int64": trt.int64, "int32": trt.int32}
+    dtypes = {"float32": trt.float32, "int64": trt.int64, "int32": trt.int32,
+              "float8_e4m3fn": getattr(trt, "fp8", None)}  # the MoE kernel plugins' e4m3 rows
 
     def desc(*args: Any, **kwargs: Any) -> Any:
         tensors, attrs = _bind(spec, args, kwargs)

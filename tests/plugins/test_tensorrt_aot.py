@@ -277,7 +277,8 @@ def compiled():
 
 def test_every_kernel_plugin_compiles_to_sm90_ptx_with_the_tensorrt_parameter_list(compiled):
     cases, results = compiled
-    assert len(results) == len(cases) and {r["name"] for r in results} == set(KERNEL_SPECS)
+    moe = {n for n in KERNEL_SPECS if n.startswith("moe_") and n != "moe_route"}  # test_tensorrt_aot_moe.py
+    assert len(results) == len(cases) and {r["name"] for r in results} == set(KERNEL_SPECS) - moe
     for r in results:
         assert "error" not in r, r
         spec = KERNEL_SPECS[r["name"]]

@@ -207,3 +207,65 @@ def test_bit_free_quantisation_helpers_are_bit_exact():
     a, b = qf.round_e2m1(x), round_e2m1_arith(x)
     same = ((a == b) & (torch.signbit(a) == torch.signbit(b))) | (a.isnan() & b.isnan())
     assert bool(same.all()), f"e2m1 differs at {x[~same][:4].tolist()}: {a[~same][:4]} vs {b[~same][:4]}"
+
+
+# ---------------------------------------------------------------------------------------------- fp8 experts
+
+
+@pytest.fixture(scope="module")
+def fp8_built(tmp_path_factory):
+    """(engine dir, model) of an fp8 build of a one-layer tiny model with float32 activations (onnxruntime's CPU
+    provider has no bfloat16 kernels): the MoE node carries e4m3 experts (MXFP4 repacked exactly by
+    quantize_moe_experts). ~35 s on 2 cores."""
+    import dataclasses
+
+    c0 = ModelConfig.preset("tiny")
+    cfg = dataclasses.replace(c0, n_layers=1, n_hash_layers=1,
+                              compress_ratios=c0.compress_ratios[:1] + c0.compress_ratios[c0.n_layers:])
+    torch.manual_seed(0)
+    model = ReferenceModel(cfg, dtype=torch.float32).eval()
+    out = tmp_path_factory.mktemp("tensorrt_fp8") / "tiny1.trt"
+    if NO_TRT is None:
+        return build_tensorrt(model, out, via="onnx", precision="fp8", max_batch=2, max_len=32), model
+    with pytest.raises(TargetError, match="tensorrt does not import"):
+        build_tensorrt(model, out, via="onnx", precision="fp8", max_batch=2, max_len=32)
+    return out, model
+
+
+def test_fp8_experts_are_float8_initialisers_and_match_eager_in_onnxruntime(fp8_built):
+    from onnx import TensorProto
+
+    from v4compile.plugins.tensorrt.plan import prepare_aot_model
+    from v4compile.targets.onnx_run import OnnxModel
+
+    out, model = fp8_built
+    path = out / "model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    nodes = [n for n in m.graph.node if n.domain == DOMAIN and n.op_type.startswith("moe_experts")]
+    assert [n.op_type for n in nodes] == ["moe_experts_fp8"], [n.op_type for n in nodes]
+    spec = SPECS["moe_experts_fp8"]
+    named = dict(zip(spec.inputs, nodes[0].input))
+    for w, s in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
+        assert inits[named[w]].data_type == TensorProto.FLOAT8E4M3FN, (w, inits[named[w]].data_type)
+        assert inits[named[s]].data_type == TensorProto.FLOAT, (s, inits[named[s]].data_type)
+    manifest = json.loads((out / mf.MANIFEST).read_text())
+    tol = TOLERANCES["model_logits"]["fp8"]
+    assert manifest["precision"] == "fp8" and manifest["parity"]["ok"], manifest["parity"]
+    assert manifest["plugins"]["aot"]["by_reference"] == [], manifest["plugins"]["aot"]
+    om = OnnxModel(path, manifest["cache"]["tensors"])
+    tok = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2, 32)
+    with torch.no_grad():
+        ref = model(tok, 0, cache)
+        nxt = ref[:, -1].argmax(-1, keepdim=True)
+        ref2 = model(nxt, torch.tensor([9, 9]), cache)
+    got, caches = om(tok, 0, om.new_caches(2))
+    got2, _ = om(nxt, 9, caches)
+    _compare("fp8 prefill logits", got, ref, tol)
+    _compare("fp8 decode logits", got2, ref2, tol)
+    prepared, counts = prepare_aot_model(m)  # the AOT plan: the MoE as its six kernel plugins, nothing by reference
+    assert {k: v for k, v in counts.items() if k != "moe_route"} == {
+        "moe_quant_act": 1, "moe_count": 1, "moe_scatter": 1, "moe_gemm1": 1, "moe_gemm2": 1, "moe_combine": 1}
+    assert not [n for n in prepared.graph.node if n.domain in (DOMAIN, EXPAND_DOMAIN)]
