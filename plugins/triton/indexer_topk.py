@@ -105,6 +105,20 @@ def _e2m1(top):
 
 
 @triton.jit
+def _query_block(pos_ptr, T, N, ratio, sp_b, sp_t, BT: tl.constexpr):
+    """Program axis 0 = (sequence b, block of BT queries from t0): b, t0, the queries' offsets, which exist, and
+    how many compressed blocks each one sees ([BT]; 0 for a missing query)."""
+    pid_r = tl.program_id(0)
+    n_tb = tl.cdiv(T, BT)
+    b = (pid_r // n_tb).to(tl.int64)
+    t0 = (pid_r % n_tb) * BT
+    offs_t = t0 + tl.arange(0, BT)
+    t_ok = offs_t < T
+    pos = tl.load(pos_ptr + b * sp_b + offs_t * sp_t, mask=t_ok, other=0).to(tl.int64)
+    return b, t0, offs_t, t_ok, tl.where(t_ok, tl.minimum((pos + 1) // ratio, N), 0)
+
+
+@triton.jit
 def _scores_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, s_ptr, ws_ptr,
                    T, N, ratio, tiles,
                    sq_b, sq_t, sq_h, sw_b, sw_t, sk_b, sk_n, sp_b, sp_t, ss_r,
@@ -112,15 +126,8 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, s_ptr, ws_ptr,
                    HIST: tl.constexpr, WRITE_MASKED: tl.constexpr, ZERO_WS: tl.constexpr, DOT_PREC: tl.constexpr,
                    NUM_STAGES: tl.constexpr):
     """Program (b, query block, key chunk): scores of BT queries against `tiles` tiles of BLOCK_N keys."""
-    pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    n_tb = tl.cdiv(T, BT)
-    b = (pid_r // n_tb).to(tl.int64)
-    t0 = (pid_r % n_tb) * BT
-    offs_t = t0 + tl.arange(0, BT)
-    t_ok = offs_t < T
-    pos = tl.load(pos_ptr + b * sp_b + offs_t * sp_t, mask=t_ok, other=0).to(tl.int64)
-    lim = tl.where(t_ok, tl.minimum((pos + 1) // ratio, N), 0)  # [BT] visible blocks per query
+    b, t0, offs_t, t_ok, lim = _query_block(pos_ptr, T, N, ratio, sp_b, sp_t, BT)
     lim_max = tl.max(lim, 0)
     if ZERO_WS:
         if pid_n == 0:
@@ -173,15 +180,8 @@ def _scores_fp4_kernel(q_ptr, w_ptr, c_ptr, e_ptr, pos_ptr, s_ptr, ws_ptr,
     DH: tl.constexpr = DI // 2
     NBLK: tl.constexpr = DI // 32
     M: tl.constexpr = BT * HI
-    pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    n_tb = tl.cdiv(T, BT)
-    b = (pid_r // n_tb).to(tl.int64)
-    t0 = (pid_r % n_tb) * BT
-    offs_t = t0 + tl.arange(0, BT)
-    t_ok = offs_t < T
-    pos = tl.load(pos_ptr + b * sp_b + offs_t * sp_t, mask=t_ok, other=0).to(tl.int64)
-    lim = tl.where(t_ok, tl.minimum((pos + 1) // ratio, N), 0)  # [BT] visible blocks per query
+    b, t0, offs_t, t_ok, lim = _query_block(pos_ptr, T, N, ratio, sp_b, sp_t, BT)
     lim_max = tl.max(lim, 0)
     if ZERO_WS:
         if pid_n == 0:

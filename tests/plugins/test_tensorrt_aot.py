@@ -280,12 +280,18 @@ def test_every_kernel_plugin_compiles_to_sm90_ptx_with_the_tensorrt_parameter_li
     moe = {n for n in KERNEL_SPECS if n.startswith("moe_") and n != "moe_route"}  # test_tensorrt_aot_moe.py
     assert len(results) == len(cases) and {r["name"] for r in results} == set(KERNEL_SPECS) - moe
     for r in results:
-        assert "error" not in r, r
-        spec = KERNEL_SPECS[r["name"]]
-        assert r["entry"] == r["kernel"] == f"v4trt_{r['name']}", r
-        want = ["ptr"] * len(spec.inputs) + ["u32"] * len(spec.extras) + ["ptr"] * len(spec.outputs)
-        assert r["kinds"] == want + ["ptr"] * aot.HIDDEN_PARAMS, (r["label"], r["kinds"], want)
-        assert r["block_x"] == 32 * r["warps"] and r["shared"] <= 232448, r  # sm_90: 227 KiB per block
+        check_compiled_entry(r)
+
+
+def check_compiled_entry(r: dict) -> None:
+    """One COMPILE_SCRIPT result: compiled, the PTX entry is the kernel named, its parameters are TensorRT's list
+    (inputs, int32 extras, outputs, Triton's hidden scratch pointers), launch fits sm_90."""
+    assert "error" not in r, r
+    spec = KERNEL_SPECS[r["name"]]
+    assert r["entry"] == r["kernel"] == f"v4trt_{r['name']}", r
+    want = ["ptr"] * len(spec.inputs) + ["u32"] * len(spec.extras) + ["ptr"] * len(spec.outputs)
+    assert r["kinds"] == want + ["ptr"] * aot.HIDDEN_PARAMS, (r["label"], r["kinds"], want)
+    assert r["block_x"] == 32 * r["warps"] and r["shared"] <= 232448, r  # sm_90: 227 KiB per block
 
 
 def test_launch_metadata_check_refuses_what_tensorrt_cannot_launch():

@@ -24,7 +24,8 @@ from v4compile.targets import trt_ops
 from v4compile.validate import TOLERANCES, calc_diff, nonfinite_mismatch
 
 from test_moe_kernels import exact_interpreter_casts  # noqa: F401  (tests/plugins; module-scoped, autouse)
-from test_tensorrt_aot import COMPILE_SCRIPT, _compare, _LaunchRecorder, _PlanRecorder  # tests/plugins
+from test_tensorrt_aot import (COMPILE_SCRIPT, _compare, _LaunchRecorder, _PlanRecorder,  # tests/plugins
+                               check_compiled_entry)
 
 MOE_KERNELS = ["moe_quant_act", "moe_count", "moe_scatter", "moe_gemm1", "moe_gemm2", "moe_combine"]
 LIMIT = 10.0
@@ -132,12 +133,7 @@ def test_moe_kernel_plugins_compile_to_sm90_ptx_with_the_tensorrt_parameter_list
     results = json.loads(res.stdout.strip().splitlines()[-1])
     assert [r["name"] for r in results] == MOE_KERNELS * 2
     for r in results:
-        assert "error" not in r, r
-        spec = KERNEL_SPECS[r["name"]]
-        assert r["entry"] == r["kernel"] == f"v4trt_{r['name']}", r
-        want = ["ptr"] * len(spec.inputs) + ["u32"] * len(spec.extras) + ["ptr"] * len(spec.outputs)
-        assert r["kinds"] == want + ["ptr"] * aot.HIDDEN_PARAMS, (r["label"], r["kinds"], want)
-        assert r["block_x"] == 32 * r["warps"] and r["shared"] <= 232448, r
+        check_compiled_entry(r)
 
 
 @pytest.mark.parametrize("shape,act", [("tiny", torch.float32), ("tiny", torch.bfloat16), ("rows", torch.bfloat16)])

@@ -100,21 +100,8 @@ def indexer_decode(ceil: Ceilings, opt: Any, *, B: int, N: int, bench: str) -> l
     ref_idx = torch.ops.v4.topk_select(ref_scores, TOPK)
     flops, nbytes = _indexer_cost(a, N)
     fl = floor_us(nbytes, flops, ceil)
-    configs = ([(c, tc) for c in it.SCORE_CONFIGS if c.bt == 1 for tc in it.TOPK_CONFIGS] if opt.sweep
-               else [(None, None)])
-    cfg, tcfg, trials = _best(lambda c, tc: it.indexer_topk_launch(*args, TOPK, config=c, topk_config=tc), configs)
-    idx = it.indexer_topk_launch(*args, TOPK, config=cfg, topk_config=tcfg)
-    ks = it.indexer_scores_launch(*args, config=cfg)
-    extra = dict(scores_calc_diff=calc_diff(ks, ref_scores), rule_ok=_rule_ok(idx, ks),
-                 **_agreement(idx, ref_idx, ref_scores), trials=trials)
-    best = min(t["time_us"] for t in trials if "time_us" in t)
-    rows = [Row(bench, "triton_graph", best, flops, nbytes, fl, extra["scores_calc_diff"], extra)]
-    rows.append(Row(bench, "triton", time_us(lambda: it.indexer_topk_launch(*args, TOPK, config=cfg,
-                                                                             topk_config=tcfg)),
-                    flops, nbytes, fl))
-    # components: the unfused scores kernel (writes all N scores) and top-k on given scores
-    rows.append(Row(bench, "scores_only", time_us(lambda: it.indexer_scores_launch(*args, config=cfg),
-                                                  cudagraph=True), flops, nbytes - B * TOPK * 4, fl))
+    rows, idx, ks, (cfg, tcfg) = _fused_rows(args, it.SCORE_CONFIGS, opt, ref_scores, ref_idx, flops, nbytes, fl,
+                                             bench, "")
     rows.append(Row(bench, "topk_only", time_us(lambda: it.topk_select_launch(ks, TOPK, config=tcfg),
                                                 cudagraph=True),
                     0.0, ks.numel() * 4 + B * TOPK * 4, None))
@@ -162,23 +149,37 @@ def _fp4_rows(ceil: Ceilings, opt: Any, a: dict[str, Any], flops: float, bf16_by
     args = (a["q"], a["w"], packed, a["pos"], RATIO)
     nbytes = bf16_bytes - B * N * DI * 2 + B * N * index_key_bytes(DI)
     fl = floor_us(nbytes, flops, ceil)
-    configs = ([(c, tc) for c in it.FP4_SCORE_CONFIGS if c.bt == 1 for tc in it.TOPK_CONFIGS] if opt.sweep
+    rows, idx, _, _ = _fused_rows(args, it.FP4_SCORE_CONFIGS, opt, ref_scores, ref_idx, flops, nbytes, fl, bench,
+                                  "fp4_")
+    rows[0].extra["picks_equal_bf16_layout"] = float((_members(idx.flatten(0, -2), N)
+                                                      == _members(bf16_idx.flatten(0, -2), N)).all(-1).float().mean())
+    return rows
+
+
+def _fused_rows(args: tuple, score_configs: Any, opt: Any, ref_scores, ref_idx, flops: float, nbytes: float,
+                fl: float, bench: str, prefix: str) -> tuple[list[Row], Any, Any, tuple[Any, Any]]:
+    """The fused scores + top-k op at its fastest (score, top-k) config (all of them with --sweep): rows
+    <prefix>triton_graph (checked against the reference), <prefix>triton (plain launches) and
+    <prefix>scores_only (the unfused scores kernel, which writes all N scores); also the picks, the scores and
+    the chosen configs."""
+    from v4compile.plugins.triton import indexer_topk as it
+
+    B = args[0].shape[0]
+    configs = ([(c, tc) for c in score_configs if c.bt == 1 for tc in it.TOPK_CONFIGS] if opt.sweep
                else [(None, None)])
     cfg, tcfg, trials = _best(lambda c, tc: it.indexer_topk_launch(*args, TOPK, config=c, topk_config=tc), configs)
     idx = it.indexer_topk_launch(*args, TOPK, config=cfg, topk_config=tcfg)
     ks = it.indexer_scores_launch(*args, config=cfg)
     extra = dict(scores_calc_diff=calc_diff(ks, ref_scores), rule_ok=_rule_ok(idx, ks),
-                 **_agreement(idx, ref_idx, ref_scores), trials=trials,
-                 picks_equal_bf16_layout=float((_members(idx.flatten(0, -2), N)
-                                                == _members(bf16_idx.flatten(0, -2), N)).all(-1).float().mean()))
+                 **_agreement(idx, ref_idx, ref_scores), trials=trials)
     best = min(t["time_us"] for t in trials if "time_us" in t)
-    rows = [Row(bench, "fp4_triton_graph", best, flops, nbytes, fl, extra["scores_calc_diff"], extra)]
-    rows.append(Row(bench, "fp4_triton", time_us(lambda: it.indexer_topk_launch(*args, TOPK, config=cfg,
-                                                                                 topk_config=tcfg)),
-                    flops, nbytes, fl))
-    rows.append(Row(bench, "fp4_scores_only", time_us(lambda: it.indexer_scores_launch(*args, config=cfg),
-                                                      cudagraph=True), flops, nbytes - B * TOPK * 4, fl))
-    return rows
+    rows = [Row(bench, f"{prefix}triton_graph", best, flops, nbytes, fl, extra["scores_calc_diff"], extra),
+            Row(bench, f"{prefix}triton", time_us(lambda: it.indexer_topk_launch(*args, TOPK, config=cfg,
+                                                                                   topk_config=tcfg)),
+                flops, nbytes, fl),
+            Row(bench, f"{prefix}scores_only", time_us(lambda: it.indexer_scores_launch(*args, config=cfg),
+                                                       cudagraph=True), flops, nbytes - B * TOPK * 4, fl)]
+    return rows, idx, ks, (cfg, tcfg)
 
 
 def indexer_prefill(ceil: Ceilings, opt: Any, *, T: int, bench: str, check_rows: int = 256) -> list[Row]:
