@@ -233,24 +233,27 @@ class Engine:
 
 class _DecodeGraph:
     """CUDA-graph capture of the decode model for one batch size and one set of cache tensors; replays copy
-    tokens / positions into static buffers; the caches are restored after the warm-up and capture runs."""
+    tokens / positions into static buffers; the caches are restored after the warm-up and capture runs, also
+    when capture fails. Not run on a GPU yet (no h200 engine loads: docs/perf/engines.md)."""
 
     def __init__(self, model: Any, caches: list[Tensor], batch: int, device: torch.device) -> None:
         self.tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)
         self.start_pos = torch.zeros(batch, dtype=torch.int64, device=device)
         self.caches = caches
         snapshot = [t.clone() for t in caches]  # warm-up and capture run the model: restore the caches after
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            model(self.tokens, self.start_pos, *caches)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            out = model(self.tokens, self.start_pos, *caches)
-        self.logits = out[0] if isinstance(out, (list, tuple)) else out
-        for t, s in zip(caches, snapshot):
-            t.copy_(s)
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                model(self.tokens, self.start_pos, *caches)
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                out = model(self.tokens, self.start_pos, *caches)
+            self.logits = out[0] if isinstance(out, (list, tuple)) else out
+        finally:
+            for t, s in zip(caches, snapshot):
+                t.copy_(s)
 
     def __call__(self, tokens: Tensor, start_pos: Tensor) -> Tensor:
         self.tokens.copy_(tokens)
