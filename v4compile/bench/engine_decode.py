@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    if a.steps < 3:
+        ap.error("--steps: at least 3 (the first two steps, capture included, are left out of the medians)")
     engine = load_engine(a.engine)
     if engine.device.type != "cuda":
         raise SystemExit("engine_decode: needs an engine for a CUDA target on a GPU")
