@@ -2,12 +2,12 @@
 
 import torch
 
-from v4compile.demo_model.evaluate import eval_batches, retrieval_accuracy
+from v4compile.demo_model.evaluate import eval_batches
 from v4compile.model.config import ModelConfig
 
 
 class _Recorder:
-    """Engine-shaped stub: records every sequence it is given and answers the value after the query key."""
+    """Engine-shaped stub: records every sequence it is given (and always answers token 0)."""
 
     def __init__(self, max_batch: int) -> None:
         self.cfg, self.max_batch, self.seen, self.device = ModelConfig.preset("demo"), max_batch, [], "cpu"
@@ -29,4 +29,3 @@ def test_engine_batch_does_not_change_the_queries():
     got_large = [b.tokens for b, _ in eval_batches(large, 7, 600, seed=3, batch=4)]
     assert all(torch.equal(a, b) for a, b in zip(got_small, got_large))
     assert small.seen == large.seen and len(small.seen) == 7
-    assert retrieval_accuracy(small, 7, 600, seed=3, batch=4) == retrieval_accuracy(large, 7, 600, seed=3, batch=4)
