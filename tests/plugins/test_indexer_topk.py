@@ -134,14 +134,7 @@ def test_indexer_topk_matches_reference(B, T, Hi, Di, N, k, dtype):
     assert (out[0, 0] == -1).all()
     # against the reference: identical sets except near-ties; the chosen entries' reference scores must
     # be within the fp32 rounding of the reference's k-th largest score
-    for r, (a, b) in enumerate(zip(out.reshape(-1, k), ref.reshape(-1, k))):
-        sa, sb = set(a[a >= 0].tolist()), set(b[b >= 0].tolist())
-        assert len(sa) == len(sb)
-        if sa != sb:
-            srow = ref_scores.reshape(-1, N)[r]
-            kth = min(srow[list(sb)].tolist())
-            gap = max(abs(srow[j].item() - kth) for j in sa ^ sb)
-            assert gap <= 1e-5 * max(1.0, abs(kth)), f"row {r}: picks differ by score gap {gap} (k-th {kth})"
+    _assert_same_picks_up_to_near_ties(out, ref, ref_scores, N, k)
 
 
 def test_indexer_topk_chunked_workspace_and_registered_op(monkeypatch):
@@ -305,14 +298,7 @@ def test_indexer_topk_fp4_matches_reference(B, T, Hi, Di, N, k, dtype):
     _check_topk(out, own, _expected_topk(own, k), "indexer_topk fp4 vs own scores")
     assert (out[0, 0] == -1).all()
     ref_scores = REF_SCORES(q, w, kc, pos, 4)
-    for r, (a, b) in enumerate(zip(out.reshape(-1, k), REF_TOPK(ref_scores, k).reshape(-1, k))):
-        sa, sb = set(a[a >= 0].tolist()), set(b[b >= 0].tolist())
-        assert len(sa) == len(sb)
-        if sa != sb:  # only fp32 summation-order near-ties may differ
-            srow = ref_scores.reshape(-1, N)[r]
-            kth = min(srow[list(sb)].tolist())
-            gap = max(abs(srow[j].item() - kth) for j in sa ^ sb)
-            assert gap <= 1e-5 * max(1.0, abs(kth)), f"row {r}: picks differ by score gap {gap} (k-th {kth})"
+    _assert_same_picks_up_to_near_ties(out, REF_TOPK(ref_scores, k), ref_scores, N, k)
 
 
 def test_fp4_registered_ops_and_registry(monkeypatch):
@@ -381,3 +367,16 @@ def test_indexer_topk_fp4_gpu_real_shapes(B, N):
     for cfg in it.TOPK_CONFIGS:
         _check_topk(it.topk_select_launch(crowded, 512, config=cfg).cpu(), crowded.cpu(),
                     REF_TOPK(crowded, 512).cpu(), f"crowded rows {cfg}")
+
+
+def _assert_same_picks_up_to_near_ties(out, ref, ref_scores, N: int, k: int) -> None:
+    """Per row: the same number of picks, and picks that differ from the reference's lie within fp32 rounding
+    (summation order) of the reference's k-th largest score."""
+    for r, (a, b) in enumerate(zip(out.reshape(-1, k), ref.reshape(-1, k))):
+        sa, sb = set(a[a >= 0].tolist()), set(b[b >= 0].tolist())
+        assert len(sa) == len(sb)
+        if sa != sb:
+            srow = ref_scores.reshape(-1, N)[r]
+            kth = min(srow[list(sb)].tolist())
+            gap = max(abs(srow[j].item() - kth) for j in sa ^ sb)
+            assert gap <= 1e-5 * max(1.0, abs(kth)), f"row {r}: picks differ by score gap {gap} (k-th {kth})"
