@@ -11,8 +11,10 @@ The h200 demo engine (session 3) builds, then segfaults while `AOTIModelPackageL
   dynamic       dynamic batch and length dims
   triton-op     a torch.library.triton_op of our own (as plugins/triton registers)
   engine:NAME   with --engine DIR: that engine's model NAME loaded alone (prefill / decode)
+  engine-so:NAME  the same model's wrapper .so loaded by AOTIModelContainerRunnerCuda directly (package
+                extracted here), bypassing AOTIModelPackageLoader
 
-    python -m v4compile.bench.aoti_smoke [--engine DIR] [--json out.json]
+    python -m v4compile.bench.aoti_smoke [--engine DIR] [--cases aten,two-models|none] [--json out.json]
     python -m v4compile.bench.aoti_smoke --device cpu     # dry run of the harness without a GPU
 """
 
@@ -93,13 +95,36 @@ def _cases(dev):
     }
 
 
+_SO_CHILD = """
+import os, sys, zipfile, tempfile, torch
+from pathlib import Path
+path, name = sys.argv[1], sys.argv[2]
+tmp = Path(tempfile.mkdtemp())
+with zipfile.ZipFile(path) as z:
+    members = [m for m in z.namelist() if f"/aotinductor/{name}/" in m]
+    z.extractall(tmp, members)
+model_dir = next(tmp.rglob(f"aotinductor/{name}"))
+sos = sorted(model_dir.glob("*.so"))
+if not os.environ.get("V4SMOKE_PLAIN_LOADER"):
+    from v4compile.runtime.engine import _share_libstdcxx
+    _share_libstdcxx()
+print("files", sorted(p.name for p in model_dir.iterdir() if not p.name.endswith(".cubin"))[:12], flush=True)
+runner = torch._C._aoti.AOTIModelContainerRunnerCuda(str(sos[0]), 1, "cuda", str(model_dir))
+print("loaded", flush=True)
+"""
+
 _CHILD = """
-import sys, torch
-from torch._inductor.package import load_package
+import os, sys, torch
+from pathlib import Path
 import v4compile.bench.aoti_smoke  # registers v4smoke::scale
+from v4compile.runtime.engine import load_model
 path, name = sys.argv[1], sys.argv[2]
 inputs = torch.load(sys.argv[3]) if sys.argv[3] != "none" else None
-m = load_package(path, model_name=name)
+if os.environ.get("V4SMOKE_PLAIN_LOADER"):  # torch's own loader, as it was before the libstdc++ fix
+    from torch._inductor.package import load_package
+    m = load_package(path, model_name=name)
+else:
+    m = load_model(Path(path), name, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 print("loaded", flush=True)
 if inputs is not None:
     out = m(*inputs)
@@ -109,19 +134,19 @@ if inputs is not None:
 """
 
 
-def _child(path: Path, name: str, inputs_file: Path | None, timeout: int = 180) -> dict:
+def _child(path: Path, name: str, inputs_file: Path | None, timeout: int = 180, code: str = _CHILD) -> dict:
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _CHILD, str(path), name,
+        p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path), name,
                             str(inputs_file) if inputs_file else "none"],
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"rc": None, "status": "timeout", "seconds": timeout}
     out = p.stdout.split()
     status = "ran" if "ran" in out else "loaded" if "loaded" in out else "failed"
-    tail = [line for line in p.stderr.strip().splitlines() if line.strip()][-3:]
+    tail = [line for line in p.stderr.strip().splitlines() if line.strip()][-40:]
     return {"rc": p.returncode, "status": status, "seconds": round(time.perf_counter() - t0, 1),
-            "stderr_tail": tail if p.returncode else []}
+            "stdout": p.stdout[-2000:], "stderr_tail": tail if p.returncode else []}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,14 +154,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--engine")
     ap.add_argument("--json")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the harness (no triton-op case)")
+    ap.add_argument("--cases", default="all", help="comma-separated toy cases to run, 'all' or 'none'")
     a = ap.parse_args(argv)
     from torch._inductor.package import package_aoti
 
     dev = a.device
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
+        wanted = None if a.cases == "all" else set(a.cases.split(",")) - {"none"}
         for case, (mod, args, dyn, names) in _cases(dev).items():
-            if dev == "cpu" and case == "triton-op":
+            if (dev == "cpu" and case == "triton-op") or (wanted is not None and case not in wanted):
                 continue
             t0 = time.perf_counter()
             try:
@@ -154,8 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
         if a.engine:
             for name in ("prefill", "decode"):
                 rows[f"engine:{name}"] = _child(Path(a.engine) / "model.pt2", name, None)
+                if dev != "cpu":
+                    rows[f"engine-so:{name}"] = _child(Path(a.engine) / "model.pt2", name, None, code=_SO_CHILD)
     for case, r in rows.items():
-        print(f"{case:16s} {r.get('status'):10s} rc={r.get('rc')}  {' | '.join(r.get('stderr_tail', []))[:300]}")
+        print(f"{case:16s} {r.get('status'):10s} rc={r.get('rc')}  {' | '.join(r.get('stderr_tail', [])[-3:])[:300]}")
     if a.json:
         Path(a.json).write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
     return rows

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +24,41 @@ from v4compile.runtime import manifest as mf
 from v4compile.runtime.sampling import sample
 
 log = logging.getLogger(__name__)
+
+
+def _share_libstdcxx() -> None:
+    """Put the process's libstdc++ into the global symbol scope before an AOTInductor model is dlopen'ed.
+
+    Measured on the H200 (torch 2.11.0+cu130, g++ 13.3): CUDA wrapper .so files carry a static copy of
+    libstdc++ (4 725 exported std:: symbols, no NEEDED libstdc++.so.6), and inside a Python process, where
+    torch's extension modules load libstdc++ with RTLD_LOCAL, their std::regex / locale code mixed the two
+    copies and segfaulted in `parse_device_str` while the container was created (every CUDA package, a
+    one-Linear toy too). With libstdc++.so.6 global (as in a C++ program that links it: v4run loaded the same
+    engine) every reference binds to the one shared copy. Harmless where the wrapper links libstdc++ itself."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=os.RTLD_GLOBAL)  # already mapped by torch: promotes it
+    except OSError as e:  # no shared libstdc++ at all: nothing to share
+        log.debug("libstdc++.so.6 not loadable (%s)", e)
+
+
+def load_model(package: Path, name: str, device: torch.device) -> Any:
+    """Load the AOTInductor model `name` of one package, and only it (torch's load_package loads every model
+    of the archive on each call), single-threaded (no per-call locking; required for CUDA-graph capture).
+    EngineError naming the model when the loader refuses."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    _share_libstdcxx()
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(package), name, True, 1, index)
+    except Exception as e:  # the loader raises RuntimeError with long C++ traces
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EngineError(f"{package}: cannot load model {name!r}: {first}") from e
+    return AOTICompiledModel(loader)
 
 
 @dataclass
@@ -111,13 +147,7 @@ class Engine:
             raise EngineError(f"engine {self.root} has no trace program (build it with --trace / "
                               "build(..., trace=True))")
         if "trace" not in self.models:  # loaded on first use: only validation runs it
-            from torch._inductor.package import load_package
-
-            try:
-                self.models["trace"] = load_package(str(self.root / mf.PACKAGE), model_name="trace")
-            except Exception as e:  # the loader raises RuntimeError with long C++ traces
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise EngineError(f"{self.root / mf.PACKAGE}: cannot load model 'trace': {first}") from e
+            self.models["trace"] = load_model(self.root / mf.PACKAGE, "trace", self.device)
         if session is None:
             if not isinstance(tokens, Tensor) or tokens.dim() != 2:
                 raise InputError(f"tokens: expected an int tensor [B, T], got {getattr(tokens, 'shape', type(tokens))}")
@@ -271,16 +301,10 @@ def load_engine(path: str | Path, *, device: str | torch.device | None = None) -
     mf.verify_arch(manifest, mf.machine_arch())
     mf.verify_torch(manifest)
     dev = torch.device(device if device is not None else ("cpu" if manifest["arch"] == "cpu" else "cuda"))
-    from torch._inductor.package import load_package
-
     models = {}
     shared = manifest["entry_points"].get("decode", {}).get("program") == "prefill"
     for name in ("prefill",) if shared else ("prefill", "decode"):
-        try:
-            models[name] = load_package(str(root / mf.PACKAGE), model_name=name)
-        except Exception as e:  # the loader raises RuntimeError with long C++ traces
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise EngineError(f"{root / mf.PACKAGE}: cannot load model {name!r}: {first}") from e
+        models[name] = load_model(root / mf.PACKAGE, name, dev)
     if shared:  # the cpu target packages one program under both names: load its weights once
         models["decode"] = models["prefill"]
     log.info("loaded engine %s (target %s, %s)", root, manifest["target"], manifest.get("precision"))
