@@ -165,13 +165,14 @@ def demo(target: str | None, precision: str | None, contexts: str, queries: int,
 
 @main.group()
 def bench() -> None:
-    """Benchmarks (not tests): ratios measured in one run, JSON written. Needs a CUDA GPU.
+    """Benchmarks (not tests): ratios measured in one run, JSON written. Needs a CUDA GPU (`model` runs on the CPU too).
 
     \b
     Examples:
       v4compile bench kernels --list
       v4compile bench kernels attention indexer --json out.json
       v4compile bench moe --json moe.json
+      v4compile bench model --preset bench --json model.json
     """
 
 
@@ -203,6 +204,22 @@ def bench_moe(args: tuple[str, ...]) -> None:
     from v4compile.bench.moe import main as moe_main
 
     sys.exit(moe_main(list(args)))
+
+
+@bench.command("model", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_model(args: tuple[str, ...]) -> None:
+    """Engine decode / prefill vs eager (bf16) and torch.compile, the decode floor, peak memory and KV bytes per
+    token, in one run (options: `bench model -- --help`).
+
+    \b
+    Examples:
+      v4compile bench model --preset bench --contexts 4096,131072,1048576 --batch 1,8,64 --json model.json
+      v4compile bench model --preset bench --no-engine --json eager.json
+    """
+    from v4compile.bench.model import main as model_main
+
+    sys.exit(model_main(list(args)))
 
 
 @main.command("build")
