@@ -10,8 +10,11 @@ processes (v4compile/build_worker.py), each calling compile_lowered; package_fil
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,54 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 keeping extra precision flips rounding decisions (measured on tiny bf16 without it: logits calc_diff 1.1e-2)."""
 
 
+@contextlib.contextmanager
+def _wrapper_compiled_alongside_kernels() -> Iterator[None]:
+    """AOTInductor compiles the model's wrapper .cpp and its kernel .cpp one after the other (torch 2.11-2.13
+    codecache: `wrapper_builder.build(); kernel_builder.build()`), then links. Here the wrapper's compile-only
+    build runs in a thread (g++ is a subprocess: the GIL is free) while the kernel file compiles, and every
+    later build waits for it. Measured on the 2-core CI machine, demo model: wrapper 9.6 s, kernels 13.1 s.
+    Any build that does not look like that sequence (other torch versions) runs as before."""
+    from torch._inductor import cpp_builder
+
+    original = cpp_builder.CppBuilder.build
+    pending: list[tuple[threading.Thread, list]] = []
+
+    def join() -> None:
+        while pending:
+            thread, err = pending.pop()
+            thread.join()
+            if err:
+                raise err[0]
+
+    def build(self, *args, **kwargs):
+        name = str(getattr(self, "_name", ""))
+        if getattr(self, "_compile_only", False) is True and name.endswith(".wrapper") and not pending:
+            err: list = []
+
+            def run() -> None:
+                try:
+                    original(self, *args, **kwargs)
+                except BaseException as e:  # re-raised in the caller's thread by join()
+                    err.append(e)
+
+            thread = threading.Thread(target=run, name="v4compile-wrapper-cc", daemon=True)
+            thread.start()
+            pending.append((thread, err))
+            return None
+        if not (getattr(self, "_compile_only", False) is True and name.endswith(".kernel")):
+            join()
+        return original(self, *args, **kwargs)
+
+    cpp_builder.CppBuilder.build = build
+    try:
+        yield
+        join()
+    finally:
+        cpp_builder.CppBuilder.build = original
+        for thread, _ in pending:
+            thread.join()
+
+
 def compile_lowered(lowered: Lowered, options: dict[str, Any] | None = None) -> list:
     """AOTInductor-compile one lowered entry point; returns the files package_aoti packs (ExportError naming the
     entry point on failure)."""
@@ -41,8 +92,9 @@ def compile_lowered(lowered: Lowered, options: dict[str, Any] | None = None) -> 
     args, kwargs = ep.example_inputs
     t0 = time.perf_counter()
     try:
-        files = torch._inductor.aot_compile(gm, args, kwargs, options={**INDUCTOR_OPTIONS, **options,
-                                                                        "aot_inductor.package": True})
+        with _wrapper_compiled_alongside_kernels():
+            files = torch._inductor.aot_compile(gm, args, kwargs, options={**INDUCTOR_OPTIONS, **options,
+                                                                            "aot_inductor.package": True})
     except Exception as e:  # Inductor raises many types; one typed error names the entry point
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"AOTInductor compile of the {lowered.entry} entry point failed: "
