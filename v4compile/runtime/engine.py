@@ -48,7 +48,9 @@ def _share_libstdcxx() -> None:
 def load_model(package: Path, name: str, device: torch.device) -> Any:
     """Load the AOTInductor model `name` of one package, and only it (torch's load_package loads every model
     of the archive on each call), single-threaded (no per-call locking; required for CUDA-graph capture).
-    EngineError naming the model when the loader refuses."""
+    EngineError naming the model when the loader refuses. Weights must be inside the model .so (how every
+    engine is built today: manifest "weights" = embedded-per-entry-point); a package with separate weight files
+    would also need them bound with load_constants, as load_pt2 does."""
     from torch._inductor.package.package import AOTICompiledModel
 
     _share_libstdcxx()
