@@ -42,31 +42,28 @@ def _wrapper_compiled_alongside_kernels() -> Iterator[None]:
     from torch._inductor import cpp_builder
 
     original = cpp_builder.CppBuilder.build
-    pending: list[tuple[threading.Thread, list]] = []
+    wrapper: dict[str, Any] = {}  # the wrapper compile in flight: {"thread": Thread, "error": exception or None}
 
     def join() -> None:
-        while pending:
-            thread, err = pending.pop()
-            thread.join()
-            if err:
-                raise err[0]
+        if wrapper:
+            wrapper.pop("thread").join()
+            if (err := wrapper.pop("error", None)) is not None:
+                raise err
+
+    def compile_wrapper(self, args, kwargs) -> None:
+        try:
+            original(self, *args, **kwargs)
+        except BaseException as e:  # re-raised in the caller's thread by join()
+            wrapper["error"] = e
 
     def build(self, *args, **kwargs):
         name = str(getattr(self, "_name", ""))
-        if getattr(self, "_compile_only", False) is True and name.endswith(".wrapper") and not pending:
-            err: list = []
-
-            def run() -> None:
-                try:
-                    original(self, *args, **kwargs)
-                except BaseException as e:  # re-raised in the caller's thread by join()
-                    err.append(e)
-
-            thread = threading.Thread(target=run, name="v4compile-wrapper-cc", daemon=True)
-            thread.start()
-            pending.append((thread, err))
+        compile_only = getattr(self, "_compile_only", False) is True
+        if compile_only and name.endswith(".wrapper") and not wrapper:
+            wrapper["thread"] = threading.Thread(target=compile_wrapper, args=(self, args, kwargs), daemon=True)
+            wrapper["thread"].start()
             return None
-        if not (getattr(self, "_compile_only", False) is True and name.endswith(".kernel")):
+        if not (compile_only and name.endswith(".kernel")):
             join()
         return original(self, *args, **kwargs)
 
@@ -76,8 +73,8 @@ def _wrapper_compiled_alongside_kernels() -> Iterator[None]:
         join()
     finally:
         cpp_builder.CppBuilder.build = original
-        for thread, _ in pending:
-            thread.join()
+        if "thread" in wrapper:
+            wrapper["thread"].join()
 
 
 def compile_lowered(lowered: Lowered, options: dict[str, Any] | None = None) -> list:

@@ -64,7 +64,8 @@ SCORE_CONFIGS: list[ScoreConfig] = [
     ScoreConfig(4, 128, 8, 2),
 ]
 # The FP4-key kernel (decode first, then prefill): it decodes 128 nibbles per key in registers, so more warps
-# per key tile may pay where the bf16 kernel is bound by memory alone. Not yet measured on the H200.
+# per key tile may pay where the bf16 kernel is bound by memory alone. Measured on the H200 (docs/perf/indexer_topk.md,
+# run 3): at 1M context, batch 1, the three decode configs are within 2 % of each other (45.5-46.1 us fused).
 FP4_SCORE_CONFIGS: list[ScoreConfig] = [
     ScoreConfig(1, 64, 4, 3),
     ScoreConfig(1, 128, 8, 3),
@@ -105,9 +106,32 @@ def _e2m1(top):
 
 
 @triton.jit
-def _query_block(pos_ptr, T, N, ratio, sp_b, sp_t, BT: tl.constexpr):
+def _add_top_digit(hist, s, BLOCK_N: tl.constexpr):
+    """hist [NB] += histogram of the top byte of the visible (finite) scores of a [BLOCK_N]-score tile (BT == 1)."""
+    flat = tl.reshape(s, (BLOCK_N,))
+    return hist + tl.histogram((_key(flat) >> 24).to(tl.int32), NB, mask=flat != float("-inf"))
+
+
+@triton.jit
+def _store_masked_tail(row_base, t_ok, n_start, n_end, N, BT: tl.constexpr, BLOCK_N: tl.constexpr,
+                       KEY_MAJOR: tl.constexpr):
+    """-inf into score columns n_start..n_end of the BT rows (tiles [BLOCK_N, BT] when KEY_MAJOR, else
+    [BT, BLOCK_N]): the keys past every query's limit, which the score loop skips."""
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if KEY_MAJOR:
+            tl.store(row_base[None, :] + offs_n[:, None], tl.full((BLOCK_N, BT), float("-inf"), tl.float32),
+                     mask=t_ok[None, :] & (offs_n < N)[:, None])
+        else:
+            tl.store(row_base[:, None] + offs_n[None, :], tl.full((BT, BLOCK_N), float("-inf"), tl.float32),
+                     mask=t_ok[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _query_block(pos_ptr, ws_ptr, T, N, ratio, sp_b, sp_t, BT: tl.constexpr, ZERO_WS: tl.constexpr):
     """Program axis 0 = (sequence b, block of BT queries from t0): b, t0, the queries' offsets, which exist, and
-    how many compressed blocks each one sees ([BT]; 0 for a missing query)."""
+    how many compressed blocks each one sees ([BT]; 0 for a missing query). With ZERO_WS the first key chunk's
+    program (axis 1 = 0) also zeroes these queries' top-k workspace rows."""
     pid_r = tl.program_id(0)
     n_tb = tl.cdiv(T, BT)
     b = (pid_r // n_tb).to(tl.int64)
@@ -115,6 +139,9 @@ def _query_block(pos_ptr, T, N, ratio, sp_b, sp_t, BT: tl.constexpr):
     offs_t = t0 + tl.arange(0, BT)
     t_ok = offs_t < T
     pos = tl.load(pos_ptr + b * sp_b + offs_t * sp_t, mask=t_ok, other=0).to(tl.int64)
+    if ZERO_WS:
+        if tl.program_id(1) == 0:
+            _zero_ws(ws_ptr, b * T + offs_t, t_ok)
     return b, t0, offs_t, t_ok, tl.where(t_ok, tl.minimum((pos + 1) // ratio, N), 0)
 
 
@@ -127,11 +154,8 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, s_ptr, ws_ptr,
                    NUM_STAGES: tl.constexpr):
     """Program (b, query block, key chunk): scores of BT queries against `tiles` tiles of BLOCK_N keys."""
     pid_n = tl.program_id(1)
-    b, t0, offs_t, t_ok, lim = _query_block(pos_ptr, T, N, ratio, sp_b, sp_t, BT)
+    b, t0, offs_t, t_ok, lim = _query_block(pos_ptr, ws_ptr, T, N, ratio, sp_b, sp_t, BT, ZERO_WS)
     lim_max = tl.max(lim, 0)
-    if ZERO_WS:
-        if pid_n == 0:
-            _zero_ws(ws_ptr, b * T + offs_t, t_ok)
 
     offs_m = tl.arange(0, BT * HI)  # q rows: query-major, head-minor
     mt = t0 + offs_m // HI
@@ -157,13 +181,9 @@ def _scores_kernel(q_ptr, w_ptr, k_ptr, pos_ptr, s_ptr, ws_ptr,
         s = tl.where(offs_n[None, :] < lim[:, None], s, float("-inf"))
         tl.store(row_base[:, None] + offs_n[None, :], s, mask=t_ok[:, None] & (offs_n < N)[None, :])
         if HIST:  # BT == 1: histogram of the top digit of the visible scores
-            d1 = (_key(tl.reshape(s, (BLOCK_N,))) >> 24).to(tl.int32)
-            hist += tl.histogram(d1, NB, mask=tl.reshape(s != float("-inf"), (BLOCK_N,)))
+            hist = _add_top_digit(hist, s, BLOCK_N)
     if WRITE_MASKED:
-        for n0 in range(tl.maximum(n_live, n_first), n_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            ninf = tl.full((BT, BLOCK_N), float("-inf"), tl.float32)
-            tl.store(row_base[:, None] + offs_n[None, :], ninf, mask=t_ok[:, None] & (offs_n < N)[None, :])
+        _store_masked_tail(row_base, t_ok, tl.maximum(n_live, n_first), n_end, N, BT, BLOCK_N, False)
     if HIST:
         tl.atomic_add(ws_ptr + (b * T + t0) * WS_INTS + tl.arange(0, NB), hist, mask=hist > 0)
 
@@ -181,11 +201,8 @@ def _scores_fp4_kernel(q_ptr, w_ptr, c_ptr, e_ptr, pos_ptr, s_ptr, ws_ptr,
     NBLK: tl.constexpr = DI // 32
     M: tl.constexpr = BT * HI
     pid_n = tl.program_id(1)
-    b, t0, offs_t, t_ok, lim = _query_block(pos_ptr, T, N, ratio, sp_b, sp_t, BT)
+    b, t0, offs_t, t_ok, lim = _query_block(pos_ptr, ws_ptr, T, N, ratio, sp_b, sp_t, BT, ZERO_WS)
     lim_max = tl.max(lim, 0)
-    if ZERO_WS:
-        if pid_n == 0:
-            _zero_ws(ws_ptr, b * T + offs_t, t_ok)
 
     offs_m = tl.arange(0, M)  # dot columns: query-major, head-minor
     mt = t0 + offs_m // HI
@@ -221,13 +238,9 @@ def _scores_fp4_kernel(q_ptr, w_ptr, c_ptr, e_ptr, pos_ptr, s_ptr, ws_ptr,
         s = tl.where(offs_n[:, None] < lim[None, :], s, float("-inf"))
         tl.store(row_base[None, :] + offs_n[:, None], s, mask=t_ok[None, :] & n_ok[:, None])
         if HIST:  # BT == 1: histogram of the top digit of the visible scores
-            d1 = (_key(tl.reshape(s, (BLOCK_N,))) >> 24).to(tl.int32)
-            hist += tl.histogram(d1, NB, mask=tl.reshape(s != float("-inf"), (BLOCK_N,)))
+            hist = _add_top_digit(hist, s, BLOCK_N)
     if WRITE_MASKED:
-        for n0 in range(tl.maximum(n_live, n_first), n_end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            ninf = tl.full((BLOCK_N, BT), float("-inf"), tl.float32)
-            tl.store(row_base[None, :] + offs_n[:, None], ninf, mask=t_ok[None, :] & (offs_n < N)[:, None])
+        _store_masked_tail(row_base, t_ok, tl.maximum(n_live, n_first), n_end, N, BT, BLOCK_N, True)
     if HIST:
         tl.atomic_add(ws_ptr + (b * T + t0) * WS_INTS + tl.arange(0, NB), hist, mask=hist > 0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,19 +71,38 @@ def time_us(fn: Callable[[], Any], *, cudagraph: bool = False, warmup_ms: float 
     return float(ms) * 1e3
 
 
-def measure_ceilings(device: torch.device | str = "cuda", copy_bytes: int = 2 << 30, n: int = 8192) -> Ceilings:
-    """Copy bandwidth and matmul rates of this device, measured now."""
+def _cpu_time_us(fn: Callable[[], Any], reps: int = 7) -> float:
+    """Median wall time of fn() in microseconds (the CPU has no events to time with)."""
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def measure_ceilings(device: torch.device | str = "cuda", copy_bytes: int | None = None,
+                     n: int | None = None) -> Ceilings:
+    """Copy bandwidth and matmul rates of this device, measured now (on a CPU: smaller sizes, wall-clock
+    medians, no FP8 rate)."""
     device = torch.device(device)
+    cpu = device.type == "cpu"
+    copy_bytes = copy_bytes or (64 << 20 if cpu else 2 << 30)
+    n = n or (512 if cpu else 8192)
+    timer = _cpu_time_us if cpu else (lambda fn: time_us(fn, rep_ms=200))
     src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    t = time_us(lambda: dst.copy_(src), rep_ms=200)
+    t = timer(lambda: dst.copy_(src))
     copy_gbps = 2 * copy_bytes / t / 1e3
     del src, dst
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    t = time_us(lambda: a @ b, rep_ms=200)
+    t = timer(lambda: a @ b)
     bf16 = 2 * n**3 / t / 1e6
     fp8 = None
+    if cpu:
+        return Ceilings(copy_gbps=copy_gbps, bf16_tflops=bf16, fp8_tflops=None,
+                        device=platform.processor() or platform.machine() or "cpu")
     try:
         a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()  # _scaled_mm wants B column-major
         one = torch.ones((), device=device)

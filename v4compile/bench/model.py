@@ -23,9 +23,7 @@ import gc
 import hashlib
 import json
 import os
-import platform
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -46,25 +44,6 @@ from v4compile.runtime import manifest as mf
 
 IMPLS = ("engine", "eager", "compile")
 DEFAULTS = dict(contexts=(4096, 131072, 1048576), batches=(1, 8, 64), prefills=(8192, 65536, 131072))
-
-
-def cpu_ceilings(copy_bytes: int = 64 << 20, n: int = 512) -> Ceilings:
-    """Copy bandwidth (bytes read + written) and a bf16 matmul rate of this CPU, measured now (median of 7)."""
-    def median_s(fn, reps: int = 7) -> float:
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16).normal_()
-    dst = torch.empty_like(src)
-    copy_s = median_s(lambda: dst.copy_(src))
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    mm_s = median_s(lambda: a @ b)
-    return Ceilings(copy_gbps=2 * copy_bytes / copy_s / 1e9, bf16_tflops=2 * n**3 / mm_s / 1e12, fp8_tflops=None,
-                    device=platform.processor() or platform.machine() or "cpu")
 
 
 def resolve_model(preset: str | None, checkpoint: str | None, manifest: dict[str, Any] | None
@@ -283,7 +262,7 @@ def run_model_bench(*, preset: str | None = None, checkpoint: str | None = None,
             min(plan.batches + plan.contexts + plan.prefills) < 1:
         raise InputError(f"steps {steps} / warmup {plan.warmup} / batches {list(plan.batches)} / contexts "
                          f"{list(plan.contexts)} / prefills {list(plan.prefills)}: each must be >= 1 (and given)")
-    ceil = measure_ceilings(dev) if dev.type == "cuda" else cpu_ceilings()
+    ceil = measure_ceilings(dev)
     console.print(f"[bench model] {ceil.device}: copy {ceil.copy_gbps:.1f} GB/s, bf16 {ceil.bf16_tflops:.2f} TFLOP/s")
     measured: dict[str, Any] = {}
     cfg, source, engine_info, e_dec, e_pre, (layout, layout_name) = _engine_stage(

@@ -8,6 +8,7 @@ the caches are updated in place. A Session owns one cache set for `batch` sequen
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from v4compile.runtime.sampling import sample
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _share_libstdcxx() -> None:
     """Put the process's libstdc++ into the global symbol scope before an AOTInductor model is dlopen'ed.
 
