@@ -112,13 +112,14 @@ def score_config(T: Dim, n_heads: int) -> Any:
 
 
 def topk_config(k: int, cand: int | None = None) -> Any:
-    """radix_topk.pick_topk_config on a CUDA device (TOPK_CONFIGS[0] with room for 2 k candidates), or with the
-    candidate capacity `cand` of a plugin's attribute."""
+    """radix_topk.pick_topk_config on a CUDA device with room for 2 k candidates (or the candidate capacity `cand`
+    of a plugin's attribute), restricted to what the plugin graph runs: separate hist / compact / finish launches
+    with the third histogram pass (the first such entry of TOPK_CONFIGS)."""
     from dataclasses import replace
 
     from v4compile.plugins.triton.radix_topk import TOPK_CONFIGS
 
-    base = TOPK_CONFIGS[0]
+    base = next(c for c in TOPK_CONFIGS if not (c.fuse_finish or c.fuse_hist1) and c.hist3)
     return replace(base, cand=cand if cand is not None else min(8192, max(base.cand, 2 * _pow2(k))))
 
 

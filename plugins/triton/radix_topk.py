@@ -64,14 +64,17 @@ class TopkConfig:
     hist3: bool = True
 
 
-# [0] is the default: building hist1 inside the score kernel measured 1.6-2.3x slower end to end on the H200
-# (the histogram in the streaming loop stalls it), so the first histogram is its own pass. The fused finish
-# saves one launch; it relies on the last-arriving program seeing every run (release / acquire atomics).
+# [0] is the default, the fastest in the session-4 sweep on the H200 (1M blocks, batch 1: 45.5 us vs 48-51 us
+# for the former default, TopkConfig(2048, 4, False); docs/perf/indexer_topk.md run 3). Building hist1 inside
+# the score kernel measured 1.6-2.3x slower end to end (the histogram in the streaming loop stalls it), so the
+# first histogram is its own pass. The fused finish saves one launch; it relies on the last-arriving program
+# seeing every run (release / acquire atomics). Without the third histogram pass a crowded 16-bit bin takes
+# the slow finish: rare on real scores, and still exact (the GPU tests run crowded rows through every config).
 TOPK_CONFIGS: list[TopkConfig] = [
+    TopkConfig(2048, 4, False, fuse_finish=True, hist3=False),
     TopkConfig(2048, 4, False),
     TopkConfig(2048, 4, False, fuse_finish=True),
     TopkConfig(2048, 4, False, hist3=False),
-    TopkConfig(2048, 4, False, fuse_finish=True, hist3=False),
     TopkConfig(1024, 4, False, fuse_finish=True, cand=4096),
     TopkConfig(2048, 4, True),
 ]

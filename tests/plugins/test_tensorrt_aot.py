@@ -19,8 +19,10 @@ import importlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+
 import torch
 
 from v4compile.errors import ExportError
@@ -177,7 +179,8 @@ def test_router_plan_matches_the_triton_launcher(recorders, monkeypatch, act, us
 
 
 def test_config_choices_are_the_launchers_cuda_choices(monkeypatch):
-    """score / top-k configs: what pick_score_config / pick_topk_config return for a CUDA device."""
+    """score / top-k configs: what pick_score_config / pick_topk_config return for a CUDA device; top-k as the
+    plugin graph runs it (separate finish launch, third histogram pass), with the launcher's capacity."""
     monkeypatch.setattr(indexer_topk, "INTERPRET", False)
     monkeypatch.setattr(radix_topk, "INTERPRET", False)
     cuda = torch.device("cuda")
@@ -186,7 +189,9 @@ def test_config_choices_are_the_launchers_cuda_choices(monkeypatch):
             assert aot.score_config(T, hi) == indexer_topk.pick_score_config(T, hi, cuda), (T, hi)
     assert aot.score_config(Sym.dim("T"), 64) == aot.score_config(7, 64)  # a dynamic T is a prefill length
     for k in (4, 512, 1024, 8192):
-        assert aot.topk_config(k) == radix_topk.pick_topk_config(cuda, k=k), k
+        got, launcher = aot.topk_config(k), radix_topk.pick_topk_config(cuda, k=k)
+        assert got.cand == launcher.cand and not got.fuse_finish and not got.fuse_hist1 and got.hist3, (k, got)
+        assert got in [replace(c, cand=got.cand) for c in radix_topk.TOPK_CONFIGS], got
 
 
 def test_constants_and_tables_agree_with_the_kernels():
