@@ -258,8 +258,10 @@ def tensor_name(layer: str, tensor: str) -> str:
 
 
 def rewrite_moe_experts(ep: ExportedProgram, *, block: tuple[int, int] | None = None,
-                        allow_lossy: bool = False) -> MoEQuantReport:
-    """Swap every v4::moe_experts node's expert weights for e4m3 + block scales (new buffers) in `ep`, in place."""
+                        allow_lossy: bool = False, memo: dict | None = None) -> MoEQuantReport:
+    """Swap every v4::moe_experts node's expert weights for e4m3 + block scales (new buffers) in `ep`, in place.
+    memo: a dict shared by the programs of one build: experts already converted (the same source tensors, block
+    and allow_lossy) are reused, not converted again, so the programs share one copy."""
     if block is not None:
         check_block(tuple(block))
         block = tuple(block)
@@ -273,7 +275,14 @@ def rewrite_moe_experts(ep: ExportedProgram, *, block: tuple[int, int] | None = 
                 raise ExportError(f"{node.name} ({layer}): expert {t} weight / scale is not a program constant "
                                   f"({args[i]}, {args[i + 1]}); quantize_moe_experts rewrites constant experts only")
             weights[t] = (w, s)
-        new, reps = _convert_node(node, layer, weights, block, allow_lossy)
+        key = (block, allow_lossy, *((w.data_ptr(), tuple(w.shape), w.dtype, s.data_ptr(), tuple(s.shape))
+                                      for w, s in weights.values()))
+        if memo is not None and key in memo:
+            new, reps = memo[key]
+        else:
+            new, reps = _convert_node(node, layer, weights, block, allow_lossy)
+            if memo is not None:
+                memo[key] = (new, reps)
         reports.extend(reps)
         old = [args[i] for i in _WEIGHTS.values()] + [args[i + 1] for i in _WEIGHTS.values()]
         for t, i in _WEIGHTS.items():
@@ -290,9 +299,10 @@ def rewrite_moe_experts(ep: ExportedProgram, *, block: tuple[int, int] | None = 
 
 
 def quantize_moe_experts(g: Captured, cfg: ModelConfig, *, block: tuple[int, int] | None = None,
-                         allow_lossy: bool = False) -> Captured:
-    """Every v4::moe_experts node's expert weights -> FP8 e4m3 + block scales (report: moe_quant_report(g))."""
-    report = rewrite_moe_experts(g.program, block=block, allow_lossy=allow_lossy)
+                         allow_lossy: bool = False, memo: dict | None = None) -> Captured:
+    """Every v4::moe_experts node's expert weights -> FP8 e4m3 + block scales (report: moe_quant_report(g));
+    memo: see rewrite_moe_experts."""
+    report = rewrite_moe_experts(g.program, block=block, allow_lossy=allow_lossy, memo=memo)
     g.graph_module.meta[REPORT_KEY] = report
     srcs = sorted({t.source for t in report.tensors})
     log.info("quantize_moe_experts: %d expert tensors (%s) -> fp8, %d repack mismatches", len(report.tensors),

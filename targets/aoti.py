@@ -1,8 +1,8 @@
-"""AOTInductor emit: compile each lowered entry point and package them as ONE model.pt2 with two models.
+"""AOTInductor emit: compile each lowered entry point and package them as ONE model.pt2 with one model each.
 
-Constants (weights) are embedded in each model's shared library: prefill and decode each carry a copy
-(`package_constants_in_so=False` + binding one user-managed set at load is the planned fix; not done yet,
-and the manifest says `"weights": "embedded-per-entry-point"`).
+Constants (weights) are not inside the models' shared libraries (`aot_inductor.package_constants_in_so=False`):
+compile_lowered returns them next to the files, and the build writes the constants of every model once into
+the engine's weights.safetensors (runtime/weights.py), which the runtimes bind to each model at load time.
 
 Which process compiles what is api.build's business: several entry points are built in parallel worker
 processes (v4compile/build_worker.py), each calling compile_lowered; package_files packs their files.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ from v4compile.targets.lower import Lowered
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_MODE = "embedded-per-entry-point"
+WEIGHTS_MODE = "external"  # manifest build.weights: one weights file bound to every model at load time
+EXTERNAL_WEIGHTS = {"aot_inductor.package_constants_in_so": False,
+                    "aot_inductor.package_constants_on_disk_format": "pickle_weights"}  # -> a Weights object
 
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 """Round fused intermediates to their dtype as eager does: bf16 values feed FP8 / FP4 fake-quantisation, where
@@ -77,9 +80,10 @@ def _wrapper_compiled_alongside_kernels() -> Iterator[None]:
             wrapper["thread"].join()
 
 
-def compile_lowered(lowered: Lowered, options: dict[str, Any] | None = None) -> list:
-    """AOTInductor-compile one lowered entry point; returns the files package_aoti packs (ExportError naming the
-    entry point on failure)."""
+def compile_lowered(lowered: Lowered, options: dict[str, Any] | None = None
+                    ) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """AOTInductor-compile one lowered entry point; returns (the files package_aoti packs, the model's constants
+    {fqn: tensor} that the runtime binds), ExportError naming the entry point on failure."""
     options = dict(options or {})
     ep = lowered.program
     try:
@@ -90,14 +94,19 @@ def compile_lowered(lowered: Lowered, options: dict[str, Any] | None = None) -> 
     t0 = time.perf_counter()
     try:
         with _wrapper_compiled_alongside_kernels():
-            files = torch._inductor.aot_compile(gm, args, kwargs, options={**INDUCTOR_OPTIONS, **options,
-                                                                            "aot_inductor.package": True})
+            out = torch._inductor.aot_compile(gm, args, kwargs, options={**INDUCTOR_OPTIONS, **EXTERNAL_WEIGHTS,
+                                                                          **options, "aot_inductor.package": True})
     except Exception as e:  # Inductor raises many types; one typed error names the entry point
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"AOTInductor compile of the {lowered.entry} entry point failed: "
                           f"{type(e).__name__}: {first}") from e
     log.info("AOTInductor compiled %s in %.1fs", lowered.entry, time.perf_counter() - t0)
-    return files
+    files = [str(f) for f in out if isinstance(f, (str, os.PathLike))]
+    weights = [f for f in out if not isinstance(f, (str, os.PathLike))]
+    if len(weights) > 1 or any(not hasattr(w, "items") for w in weights):
+        raise ExportError(f"AOTInductor returned {[type(w).__name__ for w in weights]} next to the {lowered.entry} "
+                          "files; expected at most one Weights mapping")
+    return files, {fqn: value[0] for w in weights for fqn, value in w.items()}
 
 
 def package_files(files: dict[str, list], path: Path) -> Path:

@@ -9,6 +9,7 @@ This is the only module that wires compiler, targets and runtime together (DESIG
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     from v4compile.build_worker import EntryJob, build_entries_parallel, lower_entry, parallel_wanted
     from v4compile.graph.capture import trace_outputs
     from v4compile.targets import check_machine, get_target
+    from v4compile.runtime.weights import WEIGHTS_FILE, write_weights
     from v4compile.targets.aoti import WEIGHTS_MODE, compile_lowered, package_files
 
     tgt = get_target(target)
@@ -113,24 +115,32 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
         entries = (("prefill", "decode") if tgt.separate_decode else ("prefill",)) + (("trace",) if trace else ())
         job = EntryJob(tgt.name, precision, max_len, max_batch, allow_lossy_repack)
         kernels: dict[str, str] = {}
-        if parallel_wanted(len(entries)):  # each program in its own process: capture .. compile in parallel
+        weight_bytes = sum(t.nbytes for t in model.state_dict().values())
+        if parallel_wanted(len(entries), weight_bytes):  # each program in its own process: capture .. compile
             with stages(f"capture, passes, lower, AOTInductor compile ({len(entries)} programs in parallel)"):
                 built = build_entries_parallel(source, model, job, entries)
             files = {entry: b["files"] for entry, b in built.items()}
+            weights = {entry: b["weights"] for entry, b in built.items()}
             for entry, b in built.items():
                 kernels.update(b["kernels"])
                 stages.times.update({f"(within it) {name}": t for name, t in b["seconds"].items()})
         else:
-            lowered = {entry: lower_entry(model, job, entry, stages) for entry in entries}
-            files = {}
-            for entry, lo in lowered.items():
+            files, weights, memo = {}, {}, {}  # memo: the entry points share the FP8 experts
+            for entry in entries:
+                lo = lower_entry(model, job, entry, stages, memo)
                 kernels.update(lo.kernels)
                 with stages(f"AOTInductor compile {entry}"):
-                    files[entry] = compile_lowered(lo)
+                    files[entry], weights[entry] = compile_lowered(lo)
+                del lo
+            del memo  # its FP8 experts live on in `weights` only until they are written
         if not tgt.separate_decode:
-            files["decode"] = files["prefill"]  # T = 1 through the dynamic-length program
+            files["decode"], weights["decode"] = files["prefill"], weights["prefill"]  # T = 1 through prefill
         with stages("package"):
             package_files(files, tmp / mf.PACKAGE)
+        with stages("weights"):
+            weights_section = write_weights(weights, tmp / WEIGHTS_FILE)
+            del weights
+            gc.collect()  # the programs' constants (39 GB of FP8 experts for bench) before the engine loads its own
         manifest = {
             "format_version": mf.FORMAT_VERSION, "v4compile": v4compile.__version__, "torch": torch.__version__,
             "triton": _triton_version(), "target": tgt.name, "arch": tgt.arch, "precision": precision,
@@ -146,13 +156,15 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
                               "outputs": trace_outputs(cfg)}} if trace else {}),
             },
             "cache": {"max_batch": max_batch, "max_len": max_len, "tensors": mf.cache_layout(cfg, max_len, act)},
+            "weights": weights_section,
             "parity": None,
         }
-        mf.write_manifest(tmp, manifest)
+        with stages("checksums"):
+            manifest = mf.write_manifest(tmp, manifest)
         if check:
             with stages("parity check vs eager"):
                 manifest["parity"] = check_parity(model, load_engine(tmp), precision)
-            mf.write_manifest(tmp, manifest)
+            mf.write_manifest(tmp, manifest, rehash=False)
     return out
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from v4compile.errors import ExportError
+from v4compile.runtime.weights import WEIGHTS_FILE, read_weights, write_weights
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,25 @@ class EntryJob:
     allow_lossy_repack: bool
 
 
-def parallel_wanted(n_programs: int) -> bool:
-    return n_programs > 1 and os.environ.get("V4COMPILE_PARALLEL_COMPILE", "1") != "0"
+PARALLEL_MAX_BYTES = 4 << 30
+"""Above this many bytes of weights a build compiles its entry points one after the other in one process: each
+worker holds its own copy of the model and of the passes' new constants (the bench preset: 25 GB of weights,
+39 GB of FP8 experts), while in one process the entry points share them (quantize_moe_experts' memo)."""
 
 
-def lower_entry(model: Any, job: EntryJob, entry: str, stages: Any) -> Any:
-    """capture -> PIPELINE -> lowering of one entry point of `model`; `stages(name)` times each step."""
+def parallel_wanted(n_programs: int, weight_bytes: int = 0) -> bool:
+    if n_programs < 2 or os.environ.get("V4COMPILE_PARALLEL_COMPILE", "1") == "0":
+        return False
+    if weight_bytes > PARALLEL_MAX_BYTES:
+        log.info("%.1f GB of weights: entry points compiled one after the other (parallel above %.0f GB would "
+                 "hold a copy per process)", weight_bytes / 1e9, PARALLEL_MAX_BYTES / 1e9)
+        return False
+    return True
+
+
+def lower_entry(model: Any, job: EntryJob, entry: str, stages: Any, memo: dict | None = None) -> Any:
+    """capture -> PIPELINE -> lowering of one entry point of `model`; `stages(name)` times each step. `memo`
+    (one dict per build) lets the entry points of one process share the FP8 experts quantize_moe_experts makes."""
     from v4compile.graph.capture import capture, example_inputs, example_len
     from v4compile.graph.passes import run_pipeline
     from v4compile.targets import get_target
@@ -61,7 +75,7 @@ def lower_entry(model: Any, job: EntryJob, entry: str, stages: Any) -> Any:
         g = capture(model, entry, max_len=job.max_len)
     with stages(f"passes {entry}"):
         g = run_pipeline(g, precision=job.precision,
-                         pass_options={"quantize_moe_experts": {"allow_lossy": job.allow_lossy_repack}})
+                         pass_options={"quantize_moe_experts": {"allow_lossy": job.allow_lossy_repack, "memo": memo}})
     with stages(f"lower {entry} ({tgt.name})"):
         ex = example_inputs(model, entry, 2, example_len(model.cfg, job.max_len), job.max_len)
         return lower(g, tgt, ex, max(2, job.max_batch))
@@ -90,8 +104,9 @@ def _die_with_parent() -> None:
 
 def build_entries_parallel(source: Any, model: Any, job: EntryJob,
                            entries: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """Build every entry point in its own worker process; {entry: {"files", "kernels", "seconds"}} (the files lie
-    in Inductor's cache directory, as for an in-process compile). ExportError naming the entry point and the
+    """Build every entry point in its own worker process; {entry: {"files", "weights", "kernels", "seconds"}} (the
+    files lie in Inductor's cache directory, as for an in-process compile; the weights {fqn: tensor} are read back
+    to the CPU from each worker's weights file). ExportError naming the entry point and the
     worker's last error line when a worker fails (the others are stopped). Job files and logs go to a temporary
     directory removed at the end."""
     with tempfile.TemporaryDirectory(prefix="v4compile-build-") as scratch:
@@ -121,6 +136,7 @@ def _run_workers(source: Any, model: Any, job: EntryJob, entries: tuple[str, ...
                 last = next((line.strip() for line in reversed(lines) if line.strip()), f"exit code {rc}")
                 raise ExportError(f"building the {entry} entry point failed (worker exit {rc}): {last[:400]}")
             results[entry] = json.loads(done.read_text())
+            results[entry]["weights"] = read_weights(work, results[entry]["weights"], torch.device("cpu"))[entry]
         return results
     finally:
         for _, _, p in procs:  # on any failure or Ctrl-C: no worker outlives the build
@@ -153,12 +169,10 @@ def _work(work: Path) -> None:
             model = _model_from(src.get("checkpoint") or src["preset"], tgt.act_dtype(ej.precision), tgt.device)
     lowered = lower_entry(model, ej, entry, stages)
     t0 = time.perf_counter()
-    files = compile_lowered(lowered)
+    files, weights = compile_lowered(lowered)
     stages.times[f"AOTInductor compile {entry}"] = round(time.perf_counter() - t0, 2)
-    odd = [f for f in files if not isinstance(f, (str, os.PathLike))]
-    if odd:
-        raise ExportError(f"AOTInductor returned {type(odd[0]).__name__} where file paths were expected")
-    (work / "result.json").write_text(json.dumps({"files": [str(f) for f in files], "kernels": lowered.kernels,
+    section = write_weights({entry: weights}, work / WEIGHTS_FILE)
+    (work / "result.json").write_text(json.dumps({"files": files, "weights": section, "kernels": lowered.kernels,
                                                   "seconds": stages.times}))
 
 

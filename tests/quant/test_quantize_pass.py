@@ -219,3 +219,24 @@ def test_bf16_experts_report_and_moe_block(tmp_path):
     got = ep.module()(x, weights, ids)
     diff = calc_diff(got, want)  # measured 2.2e-3: see the module docstring for why not < 1e-3
     assert 0 < diff < TOLERANCES["moe_block_fp8_vs_bf16"]["fp8"], f"MoE block calc_diff {diff:.3e}"
+
+
+def test_memo_shares_converted_experts_between_programs():
+    """Two programs over the same expert tensors (a build's prefill and decode) with one memo: the second gets
+    the first's FP8 tensors (one copy in memory and in the weights file); without a memo each converts its own."""
+    g = torch.Generator().manual_seed(5)
+    E, d, inter = 4, 256, 128
+    experts = []
+    for O, K in ((inter, d), (inter, d), (d, inter)):
+        experts += [torch.randn(E, O, K, generator=g).to(torch.bfloat16), torch.zeros(0)]
+    mod = OneMoE(experts, 10.0)
+    example = (torch.randn(3, d).to(torch.bfloat16), torch.rand(3, 2), torch.randint(0, E, (3, 2)))
+    fp8 = lambda ep: [v for k, v in ep.state_dict.items() if k.endswith("_fp8")]
+    memo: dict = {}
+    a, b, c = (torch.export.export(mod, example) for _ in range(3))
+    rewrite_moe_experts(a, memo=memo)
+    rewrite_moe_experts(b, memo=memo)
+    rewrite_moe_experts(c)
+    assert len(fp8(a)) == 6 and all(x is y for x, y in zip(fp8(a), fp8(b)))
+    assert not any(x.data_ptr() == y.data_ptr() for x, y in zip(fp8(a), fp8(c)))
+    assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in zip(fp8(a), fp8(c)))

@@ -18,6 +18,7 @@ from v4compile.model.reference import ReferenceModel
 def test_parallel_only_for_several_programs(monkeypatch):
     monkeypatch.delenv("V4COMPILE_PARALLEL_COMPILE", raising=False)
     assert not parallel_wanted(1) and parallel_wanted(2)
+    assert not parallel_wanted(2, build_worker.PARALLEL_MAX_BYTES + 1)  # large weights: one process, shared
     monkeypatch.setenv("V4COMPILE_PARALLEL_COMPILE", "0")
     assert not parallel_wanted(3)
 
@@ -56,6 +57,6 @@ def test_scratch_is_removed(monkeypatch):
 
 def test_session_engine_holds_only_its_artefacts(engine_dir):
     # the session engine (prefill + trace) was built by two workers: nothing of theirs lands in the engine
-    assert sorted(p.name for p in engine_dir.iterdir()) == ["manifest.json", "model.pt2"]
+    assert sorted(p.name for p in engine_dir.iterdir()) == ["manifest.json", "model.pt2", "weights.safetensors"]
     stages = json.loads((engine_dir / "manifest.json").read_text())["build"]["stage_seconds"]
     assert any("2 programs in parallel" in name for name in stages)

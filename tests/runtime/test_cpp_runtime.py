@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from v4compile.runtime import manifest as mf
 from v4compile.runtime.cpp_build import CppBuildError, CppToolchainError, build_v4run, source_hash
+from v4compile.runtime.weights import WEIGHTS_FILE, write_weights
+from v4compile.targets import aoti
 
 # Toy engine sizes: vocab, width, max_len, max_batch.
 V, D, L, B = 32, 8, 16, 3
@@ -67,13 +70,9 @@ def greedy_reference(prompt: list[int], n_new: int, stop: int = -1, score_init: 
     return out
 
 
-# prefill keeps its constants inside its .so (the default); decode's are packaged on disk
-# (data/weights/, which AOTIModelPackageLoader leaves unbound and v4run binds): one build covers both layouts.
-PACKAGE_OPTIONS = {
-    "prefill": {"aot_inductor.package": True},
-    "decode": {"aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
-               "aot_inductor.package_constants_on_disk_format": "pickle_weights"},
-}
+# both models keep their constants outside their .so (as `v4compile build` does); build_toy_engine writes them
+# once to weights.safetensors (runtime/weights.py), which the runtimes bind to each model at load time
+PACKAGE_OPTIONS = {"aot_inductor.package": True, **aoti.EXTERNAL_WEIGHTS}
 
 
 def build_toy_engine(out: Path) -> Path:
@@ -83,16 +82,19 @@ def build_toy_engine(out: Path) -> Path:
 
     model = Toy().eval()
     batch, seq = torch.export.Dim("batch", min=1, max=B), torch.export.Dim("seq", min=1, max=L)
-    files = {}
+    files, weights = {}, {}
     for name, t, tdim in (("prefill", 4, {0: batch, 1: seq}), ("decode", 1, {0: batch})):
         args = (torch.zeros(2, t, dtype=torch.long), torch.zeros(2, dtype=torch.long), *new_cache(2))
         with torch.no_grad():
             ep = torch.export.export(model, args, dynamic_shapes=(tdim, {0: batch}, {0: batch}, {0: batch}))
-        files[name] = aot_compile(ep.module(), args, options=dict(PACKAGE_OPTIONS[name]))
+        out_files = aot_compile(ep.module(), args, options=dict(PACKAGE_OPTIONS))
+        files[name] = [f for f in out_files if isinstance(f, str)]
+        weights[name] = {fqn: v[0] for f in out_files if not isinstance(f, str) for fqn, v in f.items()}
     out.mkdir(parents=True, exist_ok=True)
     package_aoti(str(out / "model.pt2"), files)
+    section = write_weights(weights, out / WEIGHTS_FILE)
     manifest = {
-        "format_version": 1, "v4compile": "0.1.0", "torch": torch.__version__, "triton": None,
+        "format_version": mf.FORMAT_VERSION, "v4compile": "0.1.0", "torch": torch.__version__, "triton": None,
         "target": "cpu", "arch": "cpu", "precision": "fp32",
         "config": {"vocab_size": V, "eos_token_id": EOS, "dim": D},
         "build": {"toy": True}, "kernels": {},
@@ -100,7 +102,8 @@ def build_toy_engine(out: Path) -> Path:
         "cache": {"max_batch": B, "max_len": L, "tensors": [
             {"name": "kv", "shape": [-1, L, D], "dtype": "float32", "init": "zeros"},
             {"name": "score", "shape": [-1, D], "dtype": "float32", "init": "neg_inf"}]},
-        "files": {"model.pt2": hashlib.sha256((out / "model.pt2").read_bytes()).hexdigest()},
+        "weights": section,
+        "files": {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in ("model.pt2", WEIGHTS_FILE)},
         "parity": None,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -264,9 +267,12 @@ def test_real_engine_prints_the_eager_greedy_tokens(engine_dir: Path, eager, v4r
 # ------------------------------------------------------------------------------------------ SHA-256
 
 
-def test_sha256_matches_hashlib(v4run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["default", "builtin"])  # OpenSSL's when libcrypto loads; the portable code
+def test_sha256_matches_hashlib(v4run: Path, tmp_path: Path, impl: str, monkeypatch) -> None:
+    if impl == "builtin":
+        monkeypatch.setenv("V4RUN_SHA256", "builtin")
     gen = torch.Generator().manual_seed(1)
-    sizes = [0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, (1 << 20) + 17]  # padding and chunk edges
+    sizes = [0, 1, 3, 55, 56, 57, 63, 64, 65, 119, 120, 128, 1000, (4 << 20) + 17]  # padding and chunk edges
     paths = []
     for n in sizes:
         p = tmp_path / f"f{n}.bin"
@@ -294,10 +300,18 @@ def test_changed_byte_is_a_checksum_error(v4run: Path, toy_engine: Path, tmp_pat
     expect_error(run(v4run, str(eng), "--prompt-ids", "1", "--max-new-tokens", "1"), "checksum mismatch for model.pt2")
 
 
-def test_format_version_2(v4run: Path, toy_engine: Path, tmp_path: Path) -> None:
-    eng = engine_copy(toy_engine, tmp_path, lambda m: m.update(format_version=2))
+def test_future_format_version(v4run: Path, toy_engine: Path, tmp_path: Path) -> None:
+    future = mf.FORMAT_VERSION + 1
+    eng = engine_copy(toy_engine, tmp_path, lambda m: m.update(format_version=future))
     expect_error(run(v4run, str(eng), "--prompt-ids", "1", "--max-new-tokens", "1"),
-                 "format version 2, this v4run reads 1")
+                 f"format version {future}, this v4run reads {mf.FORMAT_VERSION}")
+
+
+def test_format_version_1_engine_is_refused(v4run: Path, toy_engine: Path, tmp_path: Path) -> None:
+    """Format 1 engines kept their constants inside the models' .so files; this runtime reads format 2 only."""
+    eng = engine_copy(toy_engine, tmp_path, lambda m: m.update(format_version=1))
+    expect_error(run(v4run, str(eng), "--prompt-ids", "1", "--max-new-tokens", "1"),
+                 f"format version 1, this v4run reads {mf.FORMAT_VERSION}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of an sm_90 engine on a CPU-only machine")
@@ -350,30 +364,44 @@ def test_invalid_manifest_fields(v4run: Path, toy_engine: Path, tmp_path: Path, 
     expect_error(run(v4run, str(eng), "--prompt-ids", "1", "--max-new-tokens", "1"), needle)
 
 
-def test_toy_package_layouts(toy_engine: Path) -> None:
-    """The fixture really holds both constant layouts (else the round trip would not cover weight binding)."""
-    reader = torch._C.PyTorchFileReader(str(toy_engine / "model.pt2"))
-    names = reader.get_all_records()
-    config = lambda model: json.loads(bytes(reader.get_record(f"data/aotinductor/{model}/weights_config.json")))
-    assert sorted(config("decode")) == ["emb", "pe", "w_out", "w_tok"] and config("prefill") == {}
-    assert sum(n.startswith("data/weights/") for n in names) == 4
+def test_toy_weights_are_stored_once(toy_engine: Path) -> None:
+    """The fixture's models carry no constants in their .so; weights.safetensors holds each of the four once and
+    both models name the same stored tensors."""
+    from safetensors.torch import load_file
+
+    man = json.loads((toy_engine / "manifest.json").read_text())
+    models = man["weights"]["models"]
+    assert sorted(models["prefill"]) == sorted(models["decode"]) == ["emb", "pe", "w_out", "w_tok"]
+    assert all(models["prefill"][k][0] == models["decode"][k][0] for k in models["prefill"])
+    stored = load_file(str(toy_engine / WEIGHTS_FILE))
+    assert sorted(stored) == ["emb", "pe", "w_out", "w_tok"]
+    assert torch.equal(stored["emb"].view(V, D), Toy().emb.detach())
 
 
-def test_unbound_constants_are_refused(v4run: Path, toy_engine: Path, tmp_path: Path) -> None:
-    """Weights outside the .so with no weights_config.json cannot be bound: an error, not a crash at run time."""
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m["weights"]["models"]["decode"].pop("w_tok"), 'model "decode" needs 1 constants that'),
+    (lambda m: m["weights"]["models"]["prefill"]["emb"].__setitem__(0, "nope"), 'has no tensor "nope"'),
+    (lambda m: m["weights"]["models"]["prefill"]["emb"].__setitem__(1, [V + 1, D]), "does not fit stored tensor"),
+    (lambda m: m["weights"].update(file="../w.safetensors"), "is not a file name in the engine directory"),
+    (lambda m: m.pop("weights"), 'manifest has no "weights"'),
+    (lambda m: m["files"].pop(WEIGHTS_FILE), f"no checksum for {WEIGHTS_FILE}"),
+])
+def test_bad_weights_section_is_refused(v4run: Path, toy_engine: Path, tmp_path: Path, edit, needle: str) -> None:
+    """A manifest whose weights section would leave a constant unbound (running it would crash) or point outside
+    the file: a typed error before any model runs."""
+    eng = engine_copy(toy_engine, tmp_path, edit)
+    expect_error(run(v4run, str(eng), "--prompt-ids", "1", "--max-new-tokens", "1"), needle)
+
+
+def test_truncated_weights_file_is_refused(v4run: Path, toy_engine: Path, tmp_path: Path) -> None:
+    """A weights file cut short (checksum updated, as by a careless copy tool): named, not read past its end."""
     eng = engine_copy(toy_engine, tmp_path)
-    reader = torch._C.PyTorchFileReader(str(toy_engine / "model.pt2"))
-    writer = torch._C.PyTorchFileWriter(str(eng / "model.pt2"))
-    for name in reader.get_all_records():
-        if name != "data/aotinductor/decode/weights_config.json" and not name.startswith(".data/"):
-            data = reader.get_record(name)
-            writer.write_record(name, data, len(data))
-    writer.write_end_of_file()
+    data = (eng / WEIGHTS_FILE).read_bytes()
+    (eng / WEIGHTS_FILE).write_bytes(data[:-16])
     man = json.loads((eng / "manifest.json").read_text())
-    man["files"]["model.pt2"] = hashlib.sha256((eng / "model.pt2").read_bytes()).hexdigest()
+    man["files"][WEIGHTS_FILE] = hashlib.sha256(data[:-16]).hexdigest()
     (eng / "manifest.json").write_text(json.dumps(man))
-    expect_error(run(v4run, str(eng), "--prompt-ids", "1", "--max-new-tokens", "1"),
-                 'model "decode" has 4 constants and none is bound')
+    expect_error(run(v4run, str(eng), "--prompt-ids", "1", "--max-new-tokens", "1"), "past the end of the file")
 
 
 def test_manifest_with_python_json_extensions(v4run: Path, toy_engine: Path, tmp_path: Path) -> None:

@@ -23,9 +23,10 @@ def _prompt(n, seed):
 
 def test_manifest_follows_the_contract(engine_dir, eager):
     m = json.loads((engine_dir / "manifest.json").read_text())
-    assert m["format_version"] == 1 and (m["target"], m["arch"], m["precision"]) == ("cpu", "cpu", "fp32")
+    assert m["format_version"] == 2 and (m["target"], m["arch"], m["precision"]) == ("cpu", "cpu", "fp32")
     assert m["config"] == eager.cfg.to_dict()
-    assert set(m["files"]) == {"model.pt2"} and len(m["files"]["model.pt2"]) == 64
+    assert set(m["files"]) == {"model.pt2", "weights.safetensors"} and all(len(h) == 64 for h in m["files"].values())
+    assert m["build"]["weights"] == "external" and m["weights"]["file"] == "weights.safetensors"
     assert m["cache"]["max_batch"] == MAX_BATCH and m["cache"]["max_len"] == MAX_LEN
     names = [t["name"] for t in m["cache"]["tensors"]]
     assert names == list(eager.new_cache(1, MAX_LEN).named_tensors())
@@ -124,10 +125,38 @@ def test_changed_byte_in_package_is_a_checksum_error(engine_copy):
         load_engine(engine_copy)
 
 
-def test_format_version_2_is_refused(engine_copy):
-    _edit_manifest(engine_copy, format_version=2)
-    with pytest.raises(EngineError, match="format version 2, this v4compile reads 1"):
+@pytest.mark.parametrize("version", [1, 3])  # 1: constants inside each model's .so; 3: a future format
+def test_other_format_versions_are_refused(engine_copy, version):
+    _edit_manifest(engine_copy, format_version=version)
+    with pytest.raises(EngineError, match=f"format version {version}, this v4compile reads 2"):
         load_engine(engine_copy)
+
+
+def test_changed_byte_in_weights_is_a_checksum_error(engine_copy):
+    p = engine_copy / "weights.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(EngineError, match="weights.safetensors: sha256 .* differs from the manifest"):
+        load_engine(engine_copy)
+
+
+def test_weights_the_models_need_must_be_listed(engine_copy):
+    """A weights section missing one constant of a model: refused by name before anything runs (running a model
+    with an unbound constant would crash the process)."""
+    m = json.loads((engine_copy / "manifest.json").read_text())
+    fqn = sorted(m["weights"]["models"]["prefill"])[0]
+    del m["weights"]["models"]["prefill"][fqn]
+    (engine_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match=f"model 'prefill' needs 1 constants the weights file lacks: {re.escape(fqn)}"):
+        load_engine(engine_copy)
+
+
+def test_prefill_and_trace_share_stored_weights(engine_dir):
+    """The session engine's prefill and trace programs: every constant they share by name is stored once."""
+    m = json.loads((engine_dir / "manifest.json").read_text())["weights"]["models"]
+    shared = set(m["prefill"]) & set(m["trace"])
+    assert len(shared) > 20 and all(m["prefill"][k][0] == m["trace"][k][0] for k in shared)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading a GPU engine on a machine without one")

@@ -23,6 +23,7 @@ from v4compile.errors import EngineError, InputError
 from v4compile.model.config import ModelConfig
 from v4compile.runtime import manifest as mf
 from v4compile.runtime.sampling import sample
+from v4compile.runtime.weights import bind_weights, read_weights
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ def _share_libstdcxx() -> None:
         log.debug("libstdc++.so.6 not loadable (%s)", e)
 
 
-def load_model(package: Path, name: str, device: torch.device) -> Any:
+def load_model(package: Path, name: str, device: torch.device, constants: dict[str, Tensor] | None = None) -> Any:
     """Load the AOTInductor model `name` of one package, and only it (torch's load_package loads every model
-    of the archive on each call), single-threaded (no per-call locking; required for CUDA-graph capture).
-    EngineError naming the model when the loader refuses. Weights must be inside the model .so (how every
-    engine is built today: manifest "weights" = embedded-per-entry-point); a package with separate weight files
-    would also need them bound with load_constants, as load_pt2 does."""
+    of the archive on each call), single-threaded (no per-call locking; required for CUDA-graph capture), and
+    bind `constants` {fqn: tensor} to it as user-managed tensors (the caller keeps them alive; engines keep their
+    weights outside the models, runtime/weights.py; None: the package's .so holds its own constants). EngineError
+    naming the model when the loader refuses or a constant is missing."""
     from torch._inductor.package.package import AOTICompiledModel
 
     _share_libstdcxx()
@@ -62,6 +63,8 @@ def load_model(package: Path, name: str, device: torch.device) -> Any:
     except Exception as e:  # the loader raises RuntimeError with long C++ traces
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EngineError(f"{package}: cannot load model {name!r}: {first}") from e
+    if constants is not None:
+        bind_weights(loader, name, constants)
     return AOTICompiledModel(loader)
 
 
@@ -95,8 +98,10 @@ class Session:
 class Engine:
     """A loaded engine: `prefill`, `decode` and `generate` over Sessions (see module doc)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], models: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], models: dict[str, Any], device: torch.device,
+                 weights: dict[str, dict[str, Tensor]] | None = None) -> None:
         self.root, self.manifest, self.models, self.device = root, manifest, models, device
+        self.weights = weights or {}  # {model: {fqn: tensor}}: bound user-managed, so they live as long as we do
         self.cfg = ModelConfig.from_dict(manifest["config"])
         cache = manifest["cache"]
         self.max_batch, self.max_len, self.layout = int(cache["max_batch"]), int(cache["max_len"]), cache["tensors"]
@@ -151,7 +156,8 @@ class Engine:
             raise EngineError(f"engine {self.root} has no trace program (build it with --trace / "
                               "build(..., trace=True))")
         if "trace" not in self.models:  # loaded on first use: only validation runs it
-            self.models["trace"] = load_model(self.root / mf.PACKAGE, "trace", self.device)
+            self.models["trace"] = load_model(self.root / mf.PACKAGE, "trace", self.device, _constants(self.weights,
+                                                                                                    "trace"))
         if session is None:
             if not isinstance(tokens, Tensor) or tokens.dim() != 2:
                 raise InputError(f"tokens: expected an int tensor [B, T], got {getattr(tokens, 'shape', type(tokens))}")
@@ -296,6 +302,12 @@ class _DecodeGraph:
         return self.logits.clone()
 
 
+def _constants(weights: dict[str, dict[str, Tensor]], model: str) -> dict[str, Tensor]:
+    if model not in weights:
+        raise EngineError(f"the manifest's weights section lists no model {model!r}")
+    return weights[model]
+
+
 def load_engine(path: str | Path, *, device: str | torch.device | None = None) -> Engine:
     """Open an engine directory: checks format version, sha256 of every file, arch and torch version
     (EngineError naming what differs), then loads the prefill and decode models."""
@@ -305,11 +317,12 @@ def load_engine(path: str | Path, *, device: str | torch.device | None = None) -
     mf.verify_arch(manifest, mf.machine_arch())
     mf.verify_torch(manifest)
     dev = torch.device(device if device is not None else ("cpu" if manifest["arch"] == "cpu" else "cuda"))
+    weights = read_weights(root, manifest["weights"], dev)  # every stored tensor once, shared by the models
     models = {}
     shared = manifest["entry_points"].get("decode", {}).get("program") == "prefill"
     for name in ("prefill",) if shared else ("prefill", "decode"):
-        models[name] = load_model(root / mf.PACKAGE, name, dev)
-    if shared:  # the cpu target packages one program under both names: load its weights once
+        models[name] = load_model(root / mf.PACKAGE, name, dev, _constants(weights, name))
+    if shared:  # the cpu target packages one program under both names: load it once
         models["decode"] = models["prefill"]
     log.info("loaded engine %s (target %s, %s)", root, manifest["target"], manifest.get("precision"))
-    return Engine(root, manifest, models, dev)
+    return Engine(root, manifest, models, dev, weights)

@@ -24,7 +24,7 @@ from v4compile.errors import EngineError, InputError
 from v4compile.model.cache import Cache
 from v4compile.model.config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: constants in weights.safetensors, bound at load (1: inside each model's .so)
 MANIFEST = "manifest.json"
 PACKAGE = "model.pt2"
 
@@ -76,12 +76,12 @@ def file_hashes(root: Path) -> dict[str, str]:
             if p.is_file() and p.name != MANIFEST}
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
-    """Fill manifest['files'] from the directory's content and write manifest.json."""
-    manifest = {**manifest, "files": file_hashes(root)}
-    path = root / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    return path
+def write_manifest(root: Path, manifest: dict[str, Any], rehash: bool = True) -> dict[str, Any]:
+    """Fill manifest['files'] from the directory's content (rehash=False: keep the manifest's own, for a rewrite
+    after nothing but the manifest changed) and write manifest.json; returns the manifest written."""
+    manifest = {**manifest, "files": file_hashes(root) if rehash or "files" not in manifest else manifest["files"]}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

@@ -4,23 +4,19 @@
 #include <ATen/core/ivalue.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/tensor.h>
-#include <caffe2/serialize/inline_container.h>
 #include <dlfcn.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
 
+#include <fstream>
 #include <limits>
 #include <map>
+#include <set>
 #include <unordered_map>
-
-// Declared here rather than through <torch/csrc/jit/serialization/pickle.h>, which alone costs ~12 s of
-// compile time (2 cores); a stable libtorch export (loads bytes written by Python's torch.save).
-namespace torch::jit {
-TORCH_API c10::IValue pickle_load(const std::vector<char>& data);
-}
 
 namespace v4 {
 
@@ -88,69 +84,108 @@ std::string shape_str(const at::Tensor& t) {
   return s + "]";
 }
 
-// Weights packaged outside the model .so (aot_inductor.package_constants_in_so=False with
-// package_constants_on_disk_format="pickle_weights"): data/weights/<file> holds one torch.save'd tensor,
-// data/aotinductor/<model>/weights_config.json maps each constant to [file, shape, stride, offset].
-// AOTIModelPackageLoader does not load them (Python's load_pt2 does it after loading), so we do it the same
-// way: each file is read once and shared by both models as user-managed constants (weights stored once).
-using WeightFiles = std::unordered_map<std::string, at::Tensor>;
+// The engine's weights file (runtime/weights.py): safetensors, i.e. an 8-byte little-endian header length, a JSON
+// header {key: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}} and the raw data. Each
+// stored tensor the manifest names is read once, moved to the device and shared by every model that names it.
+using StoredTensors = std::unordered_map<std::string, at::Tensor>;
 
-void load_package_weights(caffe2::serialize::PyTorchStreamReader& archive, const std::string& model,
-                          torch::inductor::AOTIModelPackageLoader& loader, const c10::Device& device,
-                          WeightFiles& files) {
-  std::string config_name = "data/aotinductor/" + model + "/weights_config.json";
-  if (!archive.hasRecord(config_name)) return;  // constants are inside the .so
-  auto [cfg_ptr, cfg_size] = archive.getRecord(config_name);
-  json::Value config;
-  try {
-    config = json::parse(std::string(static_cast<const char*>(cfg_ptr.get()), cfg_size));
-  } catch (const json::ParseError& e) {
-    throw EngineError("model.pt2: " + config_name + ": " + e.what());
-  }
-  if (!config.is(json::Type::Object)) throw EngineError("model.pt2: " + config_name + " is not a JSON object");
-  if (config.members.empty()) return;  // package_aoti writes {} for a model whose constants are in its .so
-  std::unordered_map<std::string, at::Tensor> constants;
-  for (const auto& member : config.members) {
-    const json::Value& w = member.second;
-    auto bad = [&]() { return EngineError("model.pt2: " + config_name + ": bad entry for " + member.first); };
-    if (!w.is(json::Type::Array) || w.items.size() != 4 || !w.items[0].is(json::Type::String)) throw bad();
-    auto ints = [&](const json::Value& v) {
-      std::vector<int64_t> out;
-      if (!v.is(json::Type::Array)) throw bad();
-      for (const auto& x : v.items) {
-        if (!x.is(json::Type::Number)) throw bad();
-        out.push_back(static_cast<int64_t>(x.number));
-      }
-      return out;
-    };
-    const std::string& file = w.items[0].text;
-    auto it = files.find(file);
-    if (it == files.end()) {
-      std::string record = "data/weights/" + file;
-      if (!archive.hasRecord(record)) throw EngineError("model.pt2: " + config_name + " names missing " + record);
-      auto [ptr, size] = archive.getRecord(record);
-      const char* bytes = static_cast<const char*>(ptr.get());
-      at::Tensor t = torch::jit::pickle_load(std::vector<char>(bytes, bytes + size)).toTensor();
-      it = files.emplace(file, t.detach().to(device)).first;
-    }
-    if (!w.items[3].is(json::Type::Number)) throw bad();
-    constants[member.first] =
-        it->second.as_strided(ints(w.items[1]), ints(w.items[2]), static_cast<int64_t>(w.items[3].number));
-  }
-  loader.load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
+c10::ScalarType safetensors_dtype(const std::string& code, const std::string& where) {
+  static const std::map<std::string, c10::ScalarType> kCodes = {
+      {"F64", c10::kDouble}, {"F32", c10::kFloat},  {"F16", c10::kHalf},  {"BF16", c10::kBFloat16},
+      {"I64", c10::kLong},   {"I32", c10::kInt},    {"I16", c10::kShort}, {"I8", c10::kChar},
+      {"U8", c10::kByte},    {"BOOL", c10::kBool},  {"F8_E4M3", c10::ScalarType::Float8_e4m3fn},
+      {"F8_E5M2", c10::ScalarType::Float8_e5m2},    {"F8_E8M0", c10::ScalarType::Float8_e8m0fnu},
+  };
+  auto it = kCodes.find(code);
+  if (it == kCodes.end()) throw EngineError(where + ": dtype \"" + code + "\", which v4run does not read");
+  return it->second;
 }
 
-// Running a model whose constants were never bound crashes, so refuse such a package up front. (Only "none
-// bound" is checked: constants folded at run time are not listed as bound, and load_constants above binds
-// all or nothing.)
-void check_constants_bound(torch::inductor::AOTIModelPackageLoader& loader, const std::string& model) {
-  size_t expected = loader.get_constant_fqns().size();
-  size_t bound = 0;
-  for (const auto& kv : loader.get_runner()->extract_constants_map(/*use_inactive=*/false))
-    bound += kv.second.defined() ? 1 : 0;
-  if (expected > 0 && bound == 0)
-    throw EngineError("model.pt2: model \"" + model + "\" has " + std::to_string(expected) +
-                      " constants and none is bound (weights kept outside the package in a form v4run does not read)");
+StoredTensors read_stored_tensors(const std::string& path, const Manifest& m, const c10::Device& device) {
+  std::set<std::string> wanted;
+  for (const auto& model : m.weights)
+    for (const auto& v : model.second) wanted.insert(v.key);
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) throw EngineError(m.weights_file + ": cannot be opened");
+  const uint64_t file_size = static_cast<uint64_t>(f.tellg());
+  uint64_t header_len = 0;
+  unsigned char len_bytes[8];
+  f.seekg(0);
+  if (file_size < 8 || !f.read(reinterpret_cast<char*>(len_bytes), 8))
+    throw EngineError(m.weights_file + ": too short to be a safetensors file");
+  for (int k = 7; k >= 0; --k) header_len = (header_len << 8) | len_bytes[k];
+  if (header_len > file_size - 8) throw EngineError(m.weights_file + ": header length past the end of the file");
+  std::string text(header_len, '\0');
+  if (!f.read(text.data(), static_cast<std::streamsize>(header_len)))
+    throw EngineError(m.weights_file + ": cannot read its header");
+  json::Value header;
+  try {
+    header = json::parse(text);
+  } catch (const json::ParseError& e) {
+    throw EngineError(m.weights_file + ": header is not valid JSON: " + e.what());
+  }
+  if (!header.is(json::Type::Object)) throw EngineError(m.weights_file + ": header is not a JSON object");
+  const uint64_t data_start = 8 + header_len, data_size = file_size - data_start;
+  StoredTensors out;
+  for (const auto& member : header.members) {
+    if (member.first == "__metadata__" || !wanted.count(member.first)) continue;
+    std::string where = m.weights_file + ": tensor " + member.first;
+    const json::Value& e = member.second;
+    const json::Value* dtype = e.find("dtype");
+    const json::Value* shape = e.find("shape");
+    const json::Value* offsets = e.find("data_offsets");
+    if (!dtype || !dtype->is(json::Type::String) || !shape || !shape->is(json::Type::Array) || !offsets ||
+        !offsets->is(json::Type::Array) || offsets->items.size() != 2)
+      throw EngineError(where + ": needs dtype, shape and data_offsets [begin, end]");
+    c10::ScalarType st = safetensors_dtype(dtype->text, where);
+    std::vector<int64_t> sizes;
+    int64_t numel = 1;
+    for (const auto& d : shape->items) {
+      if (!d.is(json::Type::Number) || d.number < 0) throw EngineError(where + ": bad shape");
+      sizes.push_back(static_cast<int64_t>(d.number));
+      numel *= sizes.back();
+    }
+    for (const auto& o : offsets->items)
+      if (!o.is(json::Type::Number) || o.number < 0) throw EngineError(where + ": bad data_offsets");
+    const uint64_t begin = static_cast<uint64_t>(offsets->items[0].number);
+    const uint64_t end = static_cast<uint64_t>(offsets->items[1].number);
+    const uint64_t nbytes = static_cast<uint64_t>(numel) * c10::elementSize(st);
+    if (end < begin || end - begin != nbytes || end > data_size)
+      throw EngineError(where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
+                        ") do not match its dtype and shape or lie past the end of the file (truncated?)");
+    at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(st));
+    f.seekg(static_cast<std::streamoff>(data_start + begin));
+    if (nbytes && !f.read(static_cast<char*>(t.data_ptr()), static_cast<std::streamsize>(nbytes)))
+      throw EngineError(where + ": read error");
+    out.emplace(member.first, device.is_cpu() ? t : t.to(device));
+  }
+  for (const auto& key : wanted)
+    if (!out.count(key)) throw EngineError(m.weights_file + " has no tensor \"" + key + "\" that the manifest names");
+  return out;
+}
+
+// Binds a model's constants (views of the stored tensors) as user-managed tensors: the Engine keeps them alive.
+// Running a model with unbound constants crashes, so a constant the manifest does not list is an error here.
+void bind_constants(torch::inductor::AOTIModelPackageLoader& loader, const std::string& model, const Manifest& m,
+                    const StoredTensors& stored) {
+  std::unordered_map<std::string, at::Tensor> constants;
+  auto it = m.weights.find(model);
+  if (it != m.weights.end())
+    for (const auto& v : it->second) {
+      try {
+        constants[v.fqn] = stored.at(v.key).as_strided(v.shape, v.stride, v.offset);
+      } catch (const c10::Error& e) {
+        throw EngineError("manifest.json: constant " + v.fqn + " of model \"" + model + "\" does not fit stored tensor " +
+                          v.key);
+      }
+    }
+  std::vector<std::string> missing;
+  for (const auto& fqn : loader.get_constant_fqns())
+    if (!constants.count(fqn)) missing.push_back(fqn);
+  if (!missing.empty())
+    throw EngineError("model \"" + model + "\" needs " + std::to_string(missing.size()) + " constants that " +
+                      m.weights_file + " lacks (first: " + missing.front() + ")");
+  loader.load_constants(constants, /*use_inactive=*/false, /*check_full_update=*/true, /*user_managed=*/true);
 }
 
 }  // namespace
@@ -171,13 +206,11 @@ std::unique_ptr<Engine> Engine::load(const std::string& dir) {
   for (const auto& spec : e->manifest_.cache) parse_dtype(spec.dtype, spec.name);
   e->device_ = e->manifest_.arch == "cpu" ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, 0);
   std::string package = dir + "/model.pt2";
-  WeightFiles weights;  // shared by both models
+  e->weights_ = read_stored_tensors(dir + "/" + e->manifest_.weights_file, e->manifest_, e->device_);
   for (const char* name : {"prefill", "decode"}) {
     try {
       auto loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package, name);
-      caffe2::serialize::PyTorchStreamReader archive(package);
-      load_package_weights(archive, name, *loader, e->device_, weights);
-      check_constants_bound(*loader, name);
+      bind_constants(*loader, name, e->manifest_, e->weights_);
       (std::string(name) == "prefill" ? e->prefill_ : e->decode_) = std::move(loader);
     } catch (const EngineError&) {
       throw;

@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "v4manifest.h"
@@ -57,6 +58,8 @@ class Engine {
   std::string dir_;
   Manifest manifest_;
   c10::Device device_{c10::kCPU};
+  // the stored tensors the models' constants view, bound user-managed: declared first, destroyed last
+  std::unordered_map<std::string, at::Tensor> weights_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> prefill_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> decode_;
   std::vector<at::Tensor> cache_;

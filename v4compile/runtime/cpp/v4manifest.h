@@ -82,6 +82,15 @@ struct CacheTensorSpec {
   std::string init;   // "zeros" | "neg_inf"
 };
 
+// One constant of a model: a view (shape, stride, offset) of a tensor stored in the weights file.
+struct ConstantView {
+  std::string fqn;
+  std::string key;  // the stored (flat) tensor's name in the weights file
+  std::vector<int64_t> shape;
+  std::vector<int64_t> stride;
+  int64_t offset = 0;
+};
+
 struct Manifest {
   int64_t format_version = 0;
   std::string v4compile_version;
@@ -94,11 +103,13 @@ struct Manifest {
   int64_t max_batch = 0;
   int64_t max_len = 0;
   std::vector<CacheTensorSpec> cache;
+  std::string weights_file;  // safetensors file in the engine directory holding every model's constants
+  std::map<std::string, std::vector<ConstantView>> weights;  // model name -> its constants
   std::vector<std::pair<std::string, std::string>> files;  // relative path -> sha256 hex
 };
 
 // The format version this reader understands.
-constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kFormatVersion = 2;
 
 // Reads and validates ENGINE_DIR/manifest.json (format version first); throws EngineError.
 Manifest read_manifest(const std::string& engine_dir);
