@@ -208,15 +208,30 @@ def _parity_prompts(cfg: ModelConfig, max_len: int, n_new: int) -> list[list[int
     return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
 
 
+def _fp32_twin(model: ReferenceModel) -> ReferenceModel:
+    """The same weights with float32 activations (bf16 parameters widened exactly): the arithmetic the bf16
+    reference approximates."""
+    from v4compile.model.checkpoint import model_from_state_dict
+
+    sd = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model.state_dict().items()}
+    device = next(model.parameters()).device
+    return model_from_state_dict(model.cfg, sd, dtype=torch.float32, device=device, quantized=model.quantized)
+
+
 @torch.no_grad()
 def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: int = 4) -> dict[str, Any]:
     """Engine vs eager on seeded prompts: prefill logits (calc_diff, max abs / rel error) and greedy tokens over
-    n_new decode steps; raises ParityError beyond MODEL_LOGITS_CALC_DIFF. Returns the manifest summary."""
-    from v4compile.validate import calc_diff, nonfinite_mismatch
+    n_new decode steps; raises ParityError beyond MODEL_LOGITS_CALC_DIFF. Returns the manifest summary.
+
+    bf16 / fp8: a model whose logits move more than the bound under bf16 rounding alone (seeded random weights:
+    tiny's bf16 reference is 2.5e-2 from its own float32 twin on the 128-token prompt, the trained demo model far
+    less) is judged against that precision floor instead: per prompt, the engine's distance to the float32 twin
+    must stay within TOLERANCES["model_logits_floor_margin"] times the bf16 reference's own distance to it."""
+    from v4compile.validate import TOLERANCES as TOL, calc_diff, nonfinite_mismatch
 
     cfg = model.cfg
     prompts = _parity_prompts(cfg, engine.max_len, n_new)
-    diffs, abs_err, rel_err, nonfinite = [], 0.0, 0.0, 0
+    diffs, abs_err, rel_err, nonfinite, logits = [], 0.0, 0.0, 0, []
     for p in prompts:
         tok = torch.tensor([p])
         ref = model(tok, 0, model.new_cache(1, engine.max_len))
@@ -226,16 +241,35 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
         err = (got.double() - ref.double()).abs()
         abs_err = max(abs_err, float(err.max()))
         rel_err = max(rel_err, float((err / ref.double().abs().clamp_min(1e-6)).max()))
+        logits.append((ref, got))
+        del err
     batch = prompts[:engine.max_batch]
     want = [eager_generate(model, p, n_new) for p in batch]
     got_tokens = engine.generate(batch, n_new, stop_tokens=())
     agree = sum(a == b for w, g in zip(want, got_tokens) for a, b in zip(w, g))
+    bound = MODEL_LOGITS_CALC_DIFF[precision]
     summary = {"prompts": [len(p) for p in prompts], "logits_calc_diff": max(diffs), "max_abs_err": abs_err,
                "max_rel_err": rel_err, "nonfinite_mismatch": nonfinite, "greedy_steps": n_new,
-               "greedy_token_agreement": f"{agree}/{sum(len(w) for w in want)}",
-               "tolerance": MODEL_LOGITS_CALC_DIFF[precision]}
-    summary["ok"] = bool(max(diffs) < summary["tolerance"] and nonfinite == 0)
+               "greedy_token_agreement": f"{agree}/{sum(len(w) for w in want)}", "tolerance": bound}
+    within = max(diffs) < bound
+    if not within and model.act_dtype != torch.float32 and nonfinite == 0:
+        margin = TOL["model_logits_floor_margin"][precision]
+        twin = _fp32_twin(model)
+        floors, to_fp32 = [], []
+        for p, (ref, got) in zip(prompts, logits):
+            exact = twin(torch.tensor([p]), 0, twin.new_cache(1, engine.max_len))
+            floors.append(calc_diff(ref, exact))
+            to_fp32.append(calc_diff(got, exact))
+        del twin
+        within = all(e <= max(bound, margin * f) for e, f in zip(to_fp32, floors))
+        summary.update(precision_floor=floors, engine_vs_fp32=to_fp32, floor_margin=margin,
+                       judged_by="precision floor" if within else "bound")
+    del logits
+    summary["ok"] = bool(within and nonfinite == 0)
     if not summary["ok"]:
-        raise ParityError(f"engine vs eager logits: calc_diff {max(diffs):.3e} (bound {summary['tolerance']:.0e}), "
-                          f"max abs err {abs_err:.3e}, {nonfinite} inf/NaN mismatches")
+        floor = (f"; vs the float32 twin: engine {max(summary['engine_vs_fp32']):.3e}, bf16 reference "
+                 f"{max(summary['precision_floor']):.3e} (margin {summary['floor_margin']}x)"
+                 if "precision_floor" in summary else "")
+        raise ParityError(f"engine vs eager logits: calc_diff {max(diffs):.3e} (bound {bound:.0e}), "
+                          f"max abs err {abs_err:.3e}, {nonfinite} inf/NaN mismatches{floor}")
     return summary

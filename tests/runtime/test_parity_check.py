@@ -32,3 +32,34 @@ def test_parity_summary_and_failure(eager):
     assert ok["prompts"] == [8, 7, 1]
     with pytest.raises(ParityError, match="calc_diff .* \\(bound 1e-05\\)"):
         check_parity(eager, EagerEngine(eager, 1.0), "fp32")
+
+
+class TwinEngine(EagerEngine):
+    """An engine that computes the bf16 model's math in float32 (the best a bf16 engine could do), plus noise."""
+
+    max_len = 64
+
+    def __init__(self, model, twin, noise: float) -> None:
+        super().__init__(model, 0.0)
+        self.twin, self.noise = twin, noise
+
+    def prefill(self, tokens, start_pos, cache):
+        logits = self.twin(tokens, start_pos, self.twin.new_cache(tokens.shape[0], self.max_len))
+        return logits + self.noise * logits.std() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+
+
+def test_bf16_model_noisier_than_the_bound_is_judged_by_its_precision_floor():
+    """Seeded tiny in bf16 moves more than the 1e-2 bound under bf16 rounding alone: an engine as exact as its
+    float32 twin passes by the precision floor; one about 4.5 floors from the twin fails (the margin is 2)."""
+    from v4compile.api import _fp32_twin
+    from v4compile.model.config import ModelConfig
+    from v4compile.model.reference import ReferenceModel
+
+    model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.bfloat16).eval()
+    twin = _fp32_twin(model)
+    exact = check_parity(model, TwinEngine(model, twin, 0.0), "bf16")
+    assert exact["ok"] and exact["judged_by"] == "precision floor", exact
+    assert exact["logits_calc_diff"] > 1e-2 and max(exact["engine_vs_fp32"]) == 0.0
+    floor = max(exact["precision_floor"])
+    with pytest.raises(ParityError, match="vs the float32 twin: engine .* bf16 reference .* \\(margin 2.0x\\)"):
+        check_parity(model, TwinEngine(model, twin, 3.0 * floor**0.5), "bf16")  # calc_diff ~ 9 floor / 2
