@@ -33,7 +33,7 @@ MODEL_LOGITS_CALC_DIFF = TOLERANCES["model_logits"]  # the one tolerance table (
 one-token decode vs prefill of the same tokens differs by 8.4e-3, the cpu engine vs eager by 1.7e-3."""
 
 
-def _model_from(source: Any, act_dtype: torch.dtype, device: str = "cpu") -> ReferenceModel:
+def model_from_source(source: Any, act_dtype: torch.dtype, device: str = "cpu") -> ReferenceModel:
     """Preset name, ModelConfig, checkpoint directory or ReferenceModel -> an eval-mode ReferenceModel on the
     target's device (a given model is moved there)."""
     if isinstance(source, ReferenceModel):
@@ -53,7 +53,7 @@ def _model_from(source: Any, act_dtype: torch.dtype, device: str = "cpu") -> Ref
                           "directory or a ReferenceModel")
 
 
-class _Stages:
+class BuildStages:
     """Names each build stage and times it; prints one line per stage with rich when `show`."""
 
     def __init__(self, show: bool) -> None:
@@ -93,7 +93,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     if target == "tensorrt":
         from v4compile.targets.tensorrt import TENSORRT, build_tensorrt
 
-        model = _model_from(source, TENSORRT.act_dtype(precision), "cpu")  # exported on the CPU
+        model = model_from_source(source, TENSORRT.act_dtype(precision), "cpu")  # exported on the CPU
         return build_tensorrt(model, out_dir, via=via, precision=precision, max_batch=max_batch, max_len=max_len,
                               check=check, overwrite=overwrite)
     from v4compile.build_worker import EntryJob, build_entries_parallel, lower_entry, parallel_wanted
@@ -106,9 +106,9 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     act = tgt.act_dtype(precision)
     check_machine(tgt)
     out = mf.check_out_dir(out_dir, overwrite)
-    stages = _Stages(progress)
+    stages = BuildStages(progress)
     with stages("load model"):
-        model = _model_from(source, act, tgt.device)
+        model = model_from_source(source, act, tgt.device)
     cfg = model.cfg
     max_batch, max_len = tgt.engine_limits(cfg, max_batch, max_len)
     with mf.atomic_engine_dir(out) as tmp:  # an exception or Ctrl-C leaves neither an engine nor a temp dir

@@ -147,7 +147,7 @@ def _run_workers(source: Any, model: Any, job: EntryJob, entries: tuple[str, ...
 
 def _work(work: Path) -> None:
     """One job written by build_entries_parallel: job.json -> result.json (files, kernels, seconds)."""
-    from v4compile.api import _model_from, _Stages
+    from v4compile.api import BuildStages, model_from_source
     from v4compile.targets import get_target
     from v4compile.targets.aoti import compile_lowered
 
@@ -155,7 +155,7 @@ def _work(work: Path) -> None:
     entry, src = job.pop("entry"), job.pop("source")
     ej = EntryJob(**job)
     tgt = get_target(ej.target)
-    stages = _Stages(show=False)
+    stages = BuildStages(show=False)
     with stages(f"load model {entry}"):
         if "state_dict" in src:
             from v4compile.model.checkpoint import model_from_state_dict
@@ -166,7 +166,7 @@ def _work(work: Path) -> None:
                                           dtype=tgt.act_dtype(ej.precision), device=tgt.device,
                                           quantized=saved["quantized"])
         else:
-            model = _model_from(src.get("checkpoint") or src["preset"], tgt.act_dtype(ej.precision), tgt.device)
+            model = model_from_source(src.get("checkpoint") or src["preset"], tgt.act_dtype(ej.precision), tgt.device)
     lowered = lower_entry(model, ej, entry, stages)
     t0 = time.perf_counter()
     files, weights = compile_lowered(lowered)

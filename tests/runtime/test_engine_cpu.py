@@ -148,7 +148,8 @@ def test_weights_the_models_need_must_be_listed(engine_copy):
     fqn = sorted(m["weights"]["models"]["prefill"])[0]
     del m["weights"]["models"]["prefill"][fqn]
     (engine_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(EngineError, match=f"model 'prefill' needs 1 constants the weights file lacks: {re.escape(fqn)}"):
+    needs = f"model 'prefill' needs 1 constants the weights file lacks: {re.escape(fqn)}"
+    with pytest.raises(EngineError, match=needs):
         load_engine(engine_copy)
 
 

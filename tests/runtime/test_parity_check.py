@@ -45,7 +45,8 @@ class TwinEngine(EagerEngine):
 
     def prefill(self, tokens, start_pos, cache):
         logits = self.twin(tokens, start_pos, self.twin.new_cache(tokens.shape[0], self.max_len))
-        return logits + self.noise * logits.std() * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+        return logits + self.noise * logits.std() * noise
 
 
 def test_bf16_model_noisier_than_the_bound_is_judged_by_its_precision_floor():

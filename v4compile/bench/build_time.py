@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from torch._inductor import cpp_builder
 
-    from v4compile.api import _model_from, _Stages
+    from v4compile.api import BuildStages, model_from_source
     from v4compile.build_worker import EntryJob, lower_entry
     from v4compile.demo import DEMO_CHECKPOINT, ENGINE_BATCH
     from v4compile.targets.aoti import compile_lowered
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 builds.append({"name": Path(str(getattr(self, "_name", "?"))).name,
                                "seconds": round(time.perf_counter() - t0, 2)})
 
-    stages = _Stages(show=False)
-    model = _model_from(str(DEMO_CHECKPOINT), torch.bfloat16 if a.precision == "bf16" else torch.float32, "cpu")
+    stages = BuildStages(show=False)
+    model = model_from_source(str(DEMO_CHECKPOINT), torch.bfloat16 if a.precision == "bf16" else torch.float32, "cpu")
     lowered = lower_entry(model, EntryJob("cpu", a.precision, 8256, ENGINE_BATCH, False), a.entry, stages)
     nodes = Counter(str(n.target) for n in lowered.program.graph.nodes if n.op == "call_function")
     cpp_builder.CppBuilder.build = timed
