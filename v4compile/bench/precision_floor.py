@@ -1,0 +1,51 @@
+"""How far a model's bf16 reference is from its own float32 twin on the build-time parity prompts: the precision
+floor that the build's parity check falls back to when an engine misses the fixed logits bound (api.check_parity).
+
+    python -m v4compile.bench.precision_floor --preset tiny [--max-len 256] [--device cpu] [--json OUT]
+
+Prints, per parity prompt, logits calc_diff(bf16 reference, float32 twin) next to the fixed bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--checkpoint", help="checkpoint directory instead of a preset")
+    ap.add_argument("--max-len", type=int, help="the engine's max_len (default: the config's max_seq_len)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json")
+    a = ap.parse_args(argv)
+
+    from v4compile.api import _fp32_twin, _parity_prompts, model_from_source
+    from v4compile.validate import TOLERANCES, calc_diff
+
+    model = model_from_source(a.checkpoint or a.preset, torch.bfloat16, a.device)
+    twin = _fp32_twin(model)
+    max_len = a.max_len or model.cfg.max_seq_len
+    rows = []
+    with torch.no_grad():
+        for p in _parity_prompts(model.cfg, max_len, 4):
+            tok = torch.tensor([p])
+            ref = model(tok, 0, model.new_cache(1, max_len))
+            exact = twin(tok, 0, twin.new_cache(1, max_len))
+            rows.append({"tokens": len(p), "bf16_vs_fp32": calc_diff(ref, exact)})
+    bound = TOLERANCES["model_logits"]["bf16"]
+    print(f"{'prompt':>7s} {'bf16 vs fp32 twin':>18s}   (fixed bf16/fp8 bound {bound:.0e})")
+    for r in rows:
+        print(f"{r['tokens']:7d} {r['bf16_vs_fp32']:18.2e}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"source": a.checkpoint or a.preset, "device": a.device, "max_len": max_len, "bound": bound,
+                       "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
