@@ -64,3 +64,15 @@ def test_bf16_model_noisier_than_the_bound_is_judged_by_its_precision_floor():
     floor = max(exact["precision_floor"])
     with pytest.raises(ParityError, match="vs the float32 twin: engine .* bf16 reference .* \\(margin 2.0x\\)"):
         check_parity(model, TwinEngine(model, twin, 3.0 * floor**0.5), "bf16")  # calc_diff ~ 9 floor / 2
+
+
+def test_precision_floor_command(tmp_path):
+    """`python -m v4compile.bench.precision_floor`: the floor the check above falls back to, per parity prompt."""
+    import json
+
+    from v4compile.bench import precision_floor
+
+    out = tmp_path / "floor.json"
+    assert precision_floor.main(["--preset", "tiny", "--device", "cpu", "--max-len", "64", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [32, 7, 1] and all(0 < r["bf16_vs_fp32"] < 0.1 for r in rows)
