@@ -98,8 +98,8 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
                               check=check, overwrite=overwrite)
     from v4compile.build_worker import EntryJob, build_entries_parallel, lower_entry, parallel_wanted
     from v4compile.graph.capture import trace_outputs
-    from v4compile.targets import check_machine, get_target
     from v4compile.runtime.weights import WEIGHTS_FILE, write_weights
+    from v4compile.targets import check_machine, get_target
     from v4compile.targets.aoti import WEIGHTS_MODE, compile_lowered, package_files
 
     tgt = get_target(target)

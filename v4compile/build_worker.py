@@ -48,7 +48,7 @@ class EntryJob:
 
 PARALLEL_MAX_BYTES = 4 << 30
 """Above this many bytes of weights a build compiles its entry points one after the other in one process: each
-worker holds its own copy of the model and of the passes' new constants (the bench preset: 25 GB of weights,
+worker holds its own copy of the model and of the passes' new constants (the bench preset: 27 GB of weights,
 39 GB of FP8 experts), while in one process the entry points share them (quantize_moe_experts' memo)."""
 
 

@@ -3,7 +3,7 @@
 Models are compiled with `aot_inductor.package_constants_in_so=False`, so model.pt2 holds code only and each
 model's constants are bound at load time as user-managed tensors (`load_constants(..., user_managed=True)`):
 prefill and decode read the same device memory, and an engine larger than a shared library can hold (the bench
-preset: ~45 GB) builds at all. The file is plain safetensors (one flat 1-D tensor per stored storage span);
+preset: ~42 GB, computed) builds at all. The file is plain safetensors (one flat 1-D tensor per stored storage span);
 the manifest's "weights" section says which stored tensor, viewed how, each model's constant is:
 
     "weights": {"file": "weights.safetensors",
@@ -55,7 +55,7 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 def write_weights(per_model: dict[str, dict[str, Tensor]], path: Path) -> dict[str, Any]:
     """Write every model's constants ({model: {fqn: tensor}}) to `path` (safetensors, streamed tensor by tensor
-    so a 45 GB set never sits in host memory at once); returns the manifest's "weights" section."""
+    so a 42 GB set never sits in host memory at once); returns the manifest's "weights" section."""
     stored: dict[str, Tensor] = {}
     models: dict[str, dict[str, list]] = {}
     for model, consts in per_model.items():
@@ -85,7 +85,7 @@ def write_weights(per_model: dict[str, dict[str, Tensor]], path: Path) -> dict[s
         f.write(text)
         for t in stored.values():
             if t.numel():
-                f.write(t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+                f.write(memoryview(t.detach().contiguous().view(torch.uint8).cpu().numpy()))
     return {"file": path.name, "models": models}
 
 
