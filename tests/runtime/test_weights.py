@@ -72,3 +72,31 @@ def test_bad_files_and_sections_are_engine_errors(tmp_path):
     (tmp_path / WEIGHTS_FILE).unlink()
     with pytest.raises(EngineError, match="cannot read the engine's weights"):
         read_weights(tmp_path, section, dev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_models_share_bound_weights(tmp_path):
+    """A CUDA AOTInductor model compiled with the engine's options, packaged as prefill and decode, bound to one
+    set of weights read onto the GPU: eager outputs, one storage for both models."""
+    from torch._inductor.package import package_aoti
+
+    from v4compile.runtime.engine import load_model
+    from v4compile.targets.aoti import EXTERNAL_WEIGHTS
+
+    m = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 64)).cuda().eval()
+    x = torch.randn(8, 256, device="cuda")
+    ep = torch.export.export(m, (x,))
+    out = torch._inductor.aot_compile(ep.module(), (x,), options={"aot_inductor.package": True, **EXTERNAL_WEIGHTS})
+    files = [f for f in out if isinstance(f, str)]
+    consts = {k: v[0] for f in out if not isinstance(f, str) for k, v in f.items()}
+    package_aoti(str(tmp_path / "m.pt2"), {"prefill": files, "decode": files})
+    section = write_weights({"prefill": consts, "decode": consts}, tmp_path / WEIGHTS_FILE)
+    w = read_weights(tmp_path, section, torch.device("cuda"))
+    first = lambda y: y[0] if isinstance(y, (list, tuple)) else y
+    with torch.no_grad():
+        ref = m(x)
+        for name in ("prefill", "decode"):
+            got = first(load_model(tmp_path / "m.pt2", name, torch.device("cuda"), w[name])(x))
+            assert (got - ref).abs().max() < 1e-5, name
+    assert w["prefill"]["0.weight"].data_ptr() == w["decode"]["0.weight"].data_ptr()
