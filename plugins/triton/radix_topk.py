@@ -1,5 +1,5 @@
-"""Exact radix top-k over fp32 score rows in five launches (one fewer with `fuse_finish`): the selection half of
-`v4triton::topk_select` / `v4triton::indexer_topk` (V4-SPEC section 4.3).
+"""Exact radix top-k over fp32 score rows in up to five launches (the default, `fuse_finish` without `hist3`:
+three): the selection half of `v4triton::topk_select` / `v4triton::indexer_topk` (V4-SPEC section 4.3).
 
 Legend: R score rows of N scores, C chunks per row (`chunk` scores each, the grid's second axis), k picks per
 row, P the 16-bit threshold prefix, M the row's candidate count, CAP the candidate list's capacity.
