@@ -176,3 +176,11 @@ def test_other_torch_minor_is_refused(engine_copy):
 def test_missing_engine_dir(tmp_path):
     with pytest.raises(EngineError, match="does not exist"):
         load_engine(tmp_path / "nope")
+
+
+def test_manifest_without_weights_section_is_refused(engine_copy):
+    m = json.loads((engine_copy / "manifest.json").read_text())
+    del m["weights"]
+    (engine_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineError, match="no 'weights' section"):
+        load_engine(engine_copy)

@@ -156,8 +156,8 @@ class Engine:
             raise EngineError(f"engine {self.root} has no trace program (build it with --trace / "
                               "build(..., trace=True))")
         if "trace" not in self.models:  # loaded on first use: only validation runs it
-            self.models["trace"] = load_model(self.root / mf.PACKAGE, "trace", self.device, _constants(self.weights,
-                                                                                                    "trace"))
+            constants = _constants(self.weights, "trace")
+            self.models["trace"] = load_model(self.root / mf.PACKAGE, "trace", self.device, constants)
         if session is None:
             if not isinstance(tokens, Tensor) or tokens.dim() != 2:
                 raise InputError(f"tokens: expected an int tensor [B, T], got {getattr(tokens, 'shape', type(tokens))}")
@@ -317,7 +317,7 @@ def load_engine(path: str | Path, *, device: str | torch.device | None = None) -
     mf.verify_arch(manifest, mf.machine_arch())
     mf.verify_torch(manifest)
     dev = torch.device(device if device is not None else ("cpu" if manifest["arch"] == "cpu" else "cuda"))
-    weights = read_weights(root, manifest["weights"], dev)  # every stored tensor once, shared by the models
+    weights = read_weights(root, manifest.get("weights"), dev)  # every stored tensor once, shared by the models
     models = {}
     shared = manifest["entry_points"].get("decode", {}).get("program") == "prefill"
     for name in ("prefill",) if shared else ("prefill", "decode"):
