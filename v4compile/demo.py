@@ -49,7 +49,9 @@ def _engine_key(checkpoint: Path, target: str, precision: str, max_len: int) -> 
         if f.suffix in (".json", ".safetensors") and f.name != "training.json":
             h.update(f.name.encode())
             h.update(f.read_bytes())
-    h.update(f"{target}|{precision}|{max_len}|{v4compile.__version__}|{torch.__version__}".encode())
+    from v4compile.runtime.manifest import FORMAT_VERSION  # a new engine format gets a new directory
+
+    h.update(f"{target}|{precision}|{max_len}|{v4compile.__version__}|{torch.__version__}|{FORMAT_VERSION}".encode())
     return h.hexdigest()[:16]
 
 

@@ -24,3 +24,15 @@ def test_shipped_checkpoint_loads_and_retrieves():
     t = meta["ci_check"]
     acc = retrieval_accuracy(model, t["n"], t["context_len"], seed=t["seed"], batch=t["n"])
     assert acc >= t["min_acc"], f"shipped model: {acc:.3f} at {t['context_len']} tokens, expected >= {t['min_acc']}"
+
+
+def test_demo_engine_cache_key_follows_the_engine_format(monkeypatch):
+    """A new engine format gets a new cache directory: a cached engine of the old format is never loaded (it
+    would be refused) and the first run takes the fast path (eager answers computed during the build)."""
+    from v4compile import demo
+    from v4compile.runtime import manifest
+
+    key = demo._engine_key(demo.DEMO_CHECKPOINT, "cpu", "bf16", 8448)
+    assert key == demo._engine_key(demo.DEMO_CHECKPOINT, "cpu", "bf16", 8448)
+    monkeypatch.setattr(manifest, "FORMAT_VERSION", manifest.FORMAT_VERSION + 1)
+    assert demo._engine_key(demo.DEMO_CHECKPOINT, "cpu", "bf16", 8448) != key
