@@ -108,3 +108,13 @@ def test_prompts_file_formats_and_errors(tmp_path):
             read_prompts_file(str(f))
     with pytest.raises(InputError, match="no such file"):
         read_prompts_file(str(tmp_path / "missing.txt"))
+
+
+def test_logits_within_rule():
+    from v4compile.validate import logits_within
+
+    assert logits_within(5e-3, "bf16") and not logits_within(2e-2, "bf16")
+    assert logits_within(2e-2, "fp8", floor=2e-2, vs_fp32=3.9e-2)  # within 2x its precision floor
+    assert not logits_within(2e-2, "fp8", floor=2e-2, vs_fp32=4.1e-2)
+    assert logits_within(2e-2, "bf16", floor=1e-3, vs_fp32=9e-3)  # a small floor never tightens below the bound
+    assert not logits_within(2e-5, "fp32")

@@ -203,13 +203,13 @@ def eager_generate(model: ReferenceModel, prompt: list[int], max_new_tokens: int
     return out
 
 
-def _parity_prompts(cfg: ModelConfig, max_len: int, n_new: int) -> list[list[int]]:
+def parity_prompts(cfg: ModelConfig, max_len: int, n_new: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1234)
     lens = sorted({max(1, min(n, max_len - n_new)) for n in (max_len // 2, 7, 1)}, reverse=True)
     return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
 
 
-def _fp32_twin(model: ReferenceModel) -> ReferenceModel:
+def fp32_twin(model: ReferenceModel) -> ReferenceModel:
     """The same weights with float32 activations (bf16 parameters widened exactly): the arithmetic the bf16
     reference approximates."""
     from v4compile.model.checkpoint import model_from_state_dict
@@ -229,10 +229,10 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
     TOLERANCES["model_logits_floor_margin"] times the bf16 reference's own distance to it (never below the bound).
     `python -m v4compile.bench.precision_floor` prints the floor: seeded random tiny 2.3e-2 on its 128-token
     prompt (above the bound), the trained demo model 1.2e-3 at 4 224 tokens (the bound alone decides)."""
-    from v4compile.validate import TOLERANCES as TOL, calc_diff, nonfinite_mismatch
+    from v4compile.validate import calc_diff, logits_within, nonfinite_mismatch
 
     cfg = model.cfg
-    prompts = _parity_prompts(cfg, engine.max_len, n_new)
+    prompts = parity_prompts(cfg, engine.max_len, n_new)
     diffs, abs_err, rel_err, nonfinite, logits = [], 0.0, 0.0, 0, []
     for p in prompts:
         tok = torch.tensor([p])
@@ -255,16 +255,16 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
                "greedy_token_agreement": f"{agree}/{sum(len(w) for w in want)}", "tolerance": bound}
     within = max(diffs) < bound
     if not within and model.act_dtype != torch.float32 and nonfinite == 0:
-        margin = TOL["model_logits_floor_margin"][precision]
-        twin = _fp32_twin(model)
+        twin = fp32_twin(model)
         floors, to_fp32 = [], []
         for p, (ref, got) in zip(prompts, logits):
             exact = twin(torch.tensor([p]), 0, twin.new_cache(1, engine.max_len))
             floors.append(calc_diff(ref, exact))
             to_fp32.append(calc_diff(got, exact))
         del twin
-        within = all(e <= max(bound, margin * f) for e, f in zip(to_fp32, floors))
-        summary.update(precision_floor=floors, engine_vs_fp32=to_fp32, floor_margin=margin,
+        within = all(logits_within(d, precision, f, e) for d, f, e in zip(diffs, floors, to_fp32))
+        summary.update(precision_floor=floors, engine_vs_fp32=to_fp32,
+                       floor_margin=TOLERANCES["model_logits_floor_margin"][precision],
                        judged_by="precision floor" if within else "bound")
     del logits
     summary["ok"] = bool(within and nonfinite == 0)

@@ -38,6 +38,18 @@ MODEL_MINIMA = frozenset({"model_top1", "model_indexer_overlap", "model_expert_a
 """Table keys whose value is a lower bound (agreement shares); every other model_* key is an upper bound."""
 
 
+def logits_within(diff: float, precision: str, floor: float | None = None, vs_fp32: float | None = None) -> bool:
+    """The build-time logits rule for one prompt: calc_diff(engine, reference) below model_logits, or (bf16 / fp8,
+    given the float32 twin's numbers) the engine's distance to the twin within model_logits_floor_margin x the
+    reference's own distance to it (`floor`), never tighter than the bound."""
+    bound = TOLERANCES["model_logits"][precision]
+    if diff < bound:
+        return True
+    if floor is None or vs_fp32 is None:
+        return False
+    return vs_fp32 <= max(bound, TOLERANCES["model_logits_floor_margin"][precision] * floor)
+
+
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """1 - 2<x,y> / (|x|^2 + |y|^2) in float64; 0 for identical tensors (both zero counts as identical)."""
     x64, y64 = x.detach().double().flatten(), y.detach().double().flatten()

@@ -52,12 +52,12 @@ class TwinEngine(EagerEngine):
 def test_bf16_model_noisier_than_the_bound_is_judged_by_its_precision_floor():
     """Seeded tiny in bf16 moves more than the 1e-2 bound under bf16 rounding alone: an engine as exact as its
     float32 twin passes by the precision floor; one about 4.5 floors from the twin fails (the margin is 2)."""
-    from v4compile.api import _fp32_twin
+    from v4compile.api import fp32_twin
     from v4compile.model.config import ModelConfig
     from v4compile.model.reference import ReferenceModel
 
     model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.bfloat16).eval()
-    twin = _fp32_twin(model)
+    twin = fp32_twin(model)
     exact = check_parity(model, TwinEngine(model, twin, 0.0), "bf16")
     assert exact["ok"] and exact["judged_by"] == "precision floor", exact
     assert exact["logits_calc_diff"] > 1e-2 and max(exact["engine_vs_fp32"]) == 0.0

@@ -23,15 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json")
     a = ap.parse_args(argv)
 
-    from v4compile.api import _fp32_twin, _parity_prompts, model_from_source
+    from v4compile.api import fp32_twin, parity_prompts, model_from_source
     from v4compile.validate import TOLERANCES, calc_diff
 
     model = model_from_source(a.checkpoint or a.preset, torch.bfloat16, a.device)
-    twin = _fp32_twin(model)
+    twin = fp32_twin(model)
     max_len = a.max_len or model.cfg.max_seq_len
     rows = []
     with torch.no_grad():
-        for p in _parity_prompts(model.cfg, max_len, 4):
+        for p in parity_prompts(model.cfg, max_len, 4):
             tok = torch.tensor([p])
             ref = model(tok, 0, model.new_cache(1, max_len))
             exact = twin(tok, 0, twin.new_cache(1, max_len))

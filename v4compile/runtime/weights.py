@@ -34,13 +34,12 @@ _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.float8_e8m0fnu: "F8_E8M0"}
 
 
-def _span(t: Tensor) -> tuple[Tensor, list[int], list[int], int]:
-    """(flat 1-D view of the storage elements t reads, shape, stride, offset of t inside that view)."""
+def _span(t: Tensor) -> Tensor:
+    """Flat 1-D view of the storage elements t reads, from its first: t == _span(t).as_strided(shape, stride, 0)."""
     if any(s < 0 for s in t.stride()):
         raise ValueError(f"constant with a negative stride {t.stride()} cannot be stored")
     n = 0 if t.numel() == 0 else 1 + sum((size - 1) * st for size, st in zip(t.shape, t.stride()))
-    flat = t.as_strided((n,), (1,), t.storage_offset())
-    return flat, list(t.shape), list(t.stride()), 0
+    return t.as_strided((n,), (1,), t.storage_offset())
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -61,14 +60,13 @@ def write_weights(per_model: dict[str, dict[str, Tensor]], path: Path) -> dict[s
     for model, consts in per_model.items():
         entries = models[model] = {}
         for fqn in sorted(consts):
-            flat, shape, stride, offset = _span(consts[fqn].detach())
-            key = fqn
-            if key in stored and not _same(stored[key], flat):
-                key = f"{model}:{fqn}"
-            if key in stored and not _same(stored[key], flat):
-                raise ValueError(f"two constants of model {model!r} are both stored as {key!r}")
+            t = consts[fqn].detach()
+            flat = _span(t)
+            key = next((k for k in (fqn, f"{model}:{fqn}") if k not in stored or _same(stored[k], flat)), None)
+            if key is None:
+                raise ValueError(f"two constants of model {model!r} are both stored as {model}:{fqn!r}")
             stored.setdefault(key, flat)
-            entries[fqn] = [key, shape, stride, offset]
+            entries[fqn] = [key, list(t.shape), list(t.stride()), 0]
     header: dict[str, Any] = {}
     pos = 0
     for key, t in stored.items():

@@ -1,7 +1,6 @@
 // v4::Engine (see v4engine.h): manifest checks, cache allocation, prefill/decode through AOTInductor.
 #include "v4engine.h"
 
-#include <ATen/core/ivalue.h>
 #include <ATen/ops/argmax.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
