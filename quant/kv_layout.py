@@ -149,3 +149,73 @@ def unpack_index_keys(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
                          f"(one scale per {INDEX_BLOCK} dims)")
     v = decode_e2m1(unpack_fp4(codes)).unflatten(-1, (nb, INDEX_BLOCK))
     return (v * e8m0_to_float(scales).unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph-safe codecs: what the model runs inside exported programs (torch.export, Inductor, AOTInductor).
+#
+# Same bytes as pack_kv_cache / pack_index_keys with strict=False and the same values as their unpack
+# functions, but written for tracing: no data-dependent Python (no strict check, no `.item()`), and only
+# same-size bitcasts (bf16 <-> int16, f32 <-> int32, e4m3 <-> uint8): the bf16 RoPE values are split into
+# their two little-endian bytes with shifts and masks instead of a `.view(torch.uint8)` that halves the
+# element size. Any RoPE width: the row is  nope e4m3 | rope_dim bf16 (2 rope_dim bytes)  plus 8 scale bytes
+# (V4: rope_dim 64, 576 + 8 bytes); the tiny test presets use narrower RoPE parts.
+
+
+def _split_dims(width: int, rope_dim: int) -> tuple[int, int]:
+    """(nope, nope blocks) of a head width; ValueError outside what the 8 scale bytes can describe."""
+    nope = width - rope_dim
+    if rope_dim < 1 or nope < BLOCK or nope % BLOCK or nope // BLOCK > SCALE_BYTES:
+        raise ValueError(f"kv layout: head width {width} with {rope_dim} RoPE dims; need nope = width - rope_dim "
+                         f"a multiple of {BLOCK} with 1..{SCALE_BYTES} blocks")
+    return nope, nope // BLOCK
+
+
+def _exponent_bytes(s: torch.Tensor) -> torch.Tensor:
+    """Power-of-two float32 scales -> their UE8M0 byte (the float32 exponent field; NaN -> 255)."""
+    return ((s.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+
+
+def pack_kv_rows(x: torch.Tensor, rope_dim: int = ROPE_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] (FP8 fake-quantised nope, bf16 RoPE) -> (data uint8 [..., nope + 2 rope_dim], scales uint8
+    [..., 8]); graph-safe, equal to pack_kv_cache(x, strict=False) at rope_dim 64."""
+    nope, nb = _split_dims(x.shape[-1], rope_dim)
+    xf = x.float()
+    blocks = xf[..., :nope].unflatten(-1, (nb, BLOCK))  # [..., nb, 64]
+    s = ue8m0_scale(blocks.abs().amax(-1), E4M3_MAX, MIN_AMAX)  # [..., nb] powers of two
+    codes = (blocks / s.unsqueeze(-1)).to(torch.float8_e4m3fn).view(torch.uint8).flatten(-2)
+    half = xf[..., nope:].to(torch.bfloat16).view(torch.int16).to(torch.int32)  # [..., R] bf16 bit patterns
+    rope = torch.stack(((half & 0xFF).to(torch.uint8), ((half >> 8) & 0xFF).to(torch.uint8)), -1).flatten(-2)
+    scales = torch.nn.functional.pad(_exponent_bytes(s), (0, SCALE_BYTES - nb))  # zero pad bytes
+    return torch.cat((codes, rope), -1), scales
+
+
+def unpack_kv_rows(data: torch.Tensor, scales: torch.Tensor, rope_dim: int = ROPE_DIM,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of pack_kv_rows: [..., nope + rope_dim] in `dtype` (exact for bf16 and float32); graph-safe,
+    equal to unpack_kv_cache at rope_dim 64."""
+    nope, nb = _split_dims(data.shape[-1] - rope_dim, rope_dim)
+    codes = data[..., :nope].view(torch.float8_e4m3fn).float().unflatten(-1, (nb, BLOCK))
+    s = (scales[..., :nb].to(torch.int32) << 23).view(torch.float32)  # 2^(byte - 127)
+    pair = data[..., nope:].unflatten(-1, (rope_dim, 2)).to(torch.int32)
+    bits = pair[..., 0] | (pair[..., 1] << 8)  # 0 .. 65535: the bf16 bit pattern as unsigned
+    rope = torch.where(bits >= 1 << 15, bits - (1 << 16), bits).to(torch.int16).view(torch.bfloat16)
+    return torch.cat(((codes * s.unsqueeze(-1)).flatten(-2), rope.float()), -1).to(dtype)
+
+
+def pack_index_rows(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indexer keys [..., Di] on the FP4 grid -> (codes uint8 [..., Di/2], scales uint8 [..., Di/32]); graph-safe,
+    equal to pack_index_keys(k, strict=False)."""
+    nb = _index_blocks(k.shape[-1])
+    blocks = k.float().unflatten(-1, (nb, INDEX_BLOCK))  # [..., nb, 32]
+    s = ue8m0_scale(blocks.abs().amax(-1), E2M1_MAX, FP4_MIN_AMAX)
+    c = encode_e2m1(blocks / s.unsqueeze(-1)).flatten(-2)  # uint8 nibbles [..., Di]
+    return c[..., 0::2] | (c[..., 1::2] << 4), _exponent_bytes(s)  # dim 2i in the low nibble of byte i
+
+
+def unpack_index_rows(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of pack_index_rows: [..., Di] in `dtype`; graph-safe, equal to unpack_index_keys."""
+    nb = _index_blocks(2 * codes.shape[-1])
+    nibbles = torch.stack((codes & 0xF, codes >> 4), -1).flatten(-2)
+    v = decode_e2m1(nibbles).unflatten(-1, (nb, INDEX_BLOCK))
+    return (v * e8m0_to_float(scales).unsqueeze(-1)).flatten(-2).to(dtype)
