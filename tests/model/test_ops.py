@@ -12,6 +12,7 @@ from v4compile.model import ops
 from v4compile.model.ops import BODIES, hadamard, window_indices
 from v4compile.model.rope import apply_rope_tail, rope_inv_freq
 from v4compile.quant import formats as qf
+from v4compile.quant.kv_layout import pack_index_rows, pack_kv_rows
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -429,6 +430,16 @@ def _opcheck_cases():
                      torch.randn(m, CW, generator=g), torch.ones(D), rope_inv_freq(32, 1e4, yarn=False),
                      torch.tensor([2]), torch.zeros(B, 2 * m, CW), torch.full((B, 2 * m, CW), -math.inf),
                      torch.zeros(B, 4, D), m, 1e-6, False),
+        "compress_packed": (torch.randn(B, T, CW, generator=g), torch.randn(B, T, CW, generator=g),
+                            torch.randn(m, CW, generator=g), torch.ones(D), rope_inv_freq(32, 1e4, yarn=False),
+                            torch.tensor([2]), torch.zeros(B, 2 * m, CW), torch.full((B, 2 * m, CW), -math.inf),
+                            torch.zeros(B, 4, D + 32, dtype=torch.uint8), torch.zeros(B, 4, 8, dtype=torch.uint8), m,
+                            1e-6, False),
+        "indexer_scores_fp4": (torch.randn(B, T, 2, 64, generator=g), torch.randn(B, T, 2, generator=g),
+                               *pack_index_rows(qf.fake_quant_fp4(torch.randn(B, 4, 64, generator=g), 32)),
+                               torch.tensor([[3, 4, 9]]), 4),
+        "sparse_attention_fp8": (q.bfloat16(), *pack_kv_rows(kv, 32), idx, *pack_kv_rows(kv[:, :3], 32), idx,
+                                 torch.randn(H, generator=g), 0.1),
         "indexer_scores": (torch.randn(B, T, 2, 8, generator=g), torch.randn(B, T, 2, generator=g),
                            torch.randn(B, 4, 8, generator=g), torch.tensor([[3, 4, 9]]), 4),
         "topk_select": (torch.randn(B, T, 6, generator=g), 3),

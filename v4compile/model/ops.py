@@ -15,6 +15,8 @@ Op list (signatures in each docstring):
   fp8_linear, rms_norm                                   dense projections, norms
   hc_mix, sinkhorn, hc_collapse, hc_pre, hc_post, hc_head   mHC (section 7)
   compress                                               compressor state machine (sections 4.1, 4.2, 5, 6)
+  compress_packed, indexer_scores_fp4, sparse_attention_fp8   the same over production-layout caches
+                                                         (model/packed_ops.py, registered on import)
   indexer_scores, topk_select                            lightning indexer (section 4.3)
   sparse_attention, ring_write                           one-softmax attention over two KV sources (3.4)
   moe_route, moe_experts                                 MoE (section 8)
@@ -260,23 +262,12 @@ def _gather_rows(src: Tensor, rows: Tensor) -> Tensor:
     return torch.gather(src, 1, rows.unsqueeze(-1).expand(-1, -1, src.shape[-1]))
 
 
-@_v4op("compress", mutates_args=("kv_state", "score_state", "cache"))
-def compress(kv_proj: Tensor, gate_proj: Tensor, ape: Tensor, norm_weight: Tensor, inv_freq: Tensor,
-             start_pos: Tensor, kv_state: Tensor, score_state: Tensor, cache: Tensor, ratio: int,
-             norm_eps: float, rotate: bool) -> None:
-    """Advance one compressor over a chunk; writes every block that completes in it to `cache`.
-
-    kv_proj, gate_proj f32 [B, T, c D] (x W^T of this chunk, no ape), ape f32 [m, c D], norm_weight [D],
-    inv_freq f32 [R/2], start_pos int [B] (position of the chunk's first token, per sequence),
-    kv_state / score_state f32 [B, c m, c D] (mutated; score rows of absent tokens are -inf),
-    cache act [B, n_blocks + 1, D] (mutated; the LAST row is scratch that absorbs masked writes),
-    ratio m (4 = overlapping CSA: c = 2), rotate: indexer variant (Hadamard + FP4 instead of FP8 nope).
-
-    Block j pools tokens m j .. m j + m - 1 (CSA: plus the A halves of block j-1) with a per-channel
-    softmax over the slots of (ape-biased) gate logits; then act cast, RMSNorm, RoPE at position m j,
-    and FP8 fake-quant of the first D-R channels (or Hadamard + FP4 fake-quant of all D). State rows hold
-    the tokens of the incomplete block (CSA: rows m..2m-1, rows 0..m-1 the previous complete block).
-    """
+def compress_core(kv_proj: Tensor, gate_proj: Tensor, ape: Tensor, norm_weight: Tensor, inv_freq: Tensor,
+                  start_pos: Tensor, kv_state: Tensor, score_state: Tensor, n_rows: int, act: torch.dtype,
+                  ratio: int, norm_eps: float, rotate: bool) -> tuple[Tensor, Tensor]:
+    """What every compress variant shares: advance the state (kv_state / score_state updated in place) and
+    return the candidate entries (act [B, J, D], fake-quantised) with their cache rows (int64 [B, J]: j for a
+    block that completes in this chunk and fits, else n_rows - 1, the scratch row). See v4::compress."""
     B, T, CW = kv_proj.shape
     m = ratio
     c = 2 if m == 4 else 1
@@ -308,19 +299,18 @@ def compress(kv_proj: Tensor, gate_proj: Tensor, ape: Tensor, norm_weight: Tenso
     else:
         kv_slots, sc_slots = kv_slots.unflatten(1, (J, m)), sc_slots.unflatten(1, (J, m))
     sc_slots = torch.where(complete[..., None, None], sc_slots, 0.0)  # incomplete: finite garbage, never kept
-    acc = acc_dtype(cache.dtype)
+    acc = acc_dtype(act)
     pooled = (kv_slots.to(acc) * torch.softmax(sc_slots.to(acc), dim=2)).sum(2).float()  # [B, J, D]
 
-    entry = _rms(pooled.to(cache.dtype), norm_weight, norm_eps)
+    entry = _rms(pooled.to(act), norm_weight, norm_eps)
     entry = apply_rope_tail(entry, m * j, inv_freq)
     if rotate:
         entry = qf.fake_quant_fp4(hadamard(entry), 32)
     else:
         nope = D - 2 * inv_freq.shape[-1]
         entry = torch.cat((qf.fake_quant_fp8(entry[..., :nope], 64), entry[..., nope:]), -1)
-    spare = cache.shape[1] - 1
+    spare = n_rows - 1
     target = torch.where(complete & (j < spare), j, spare)
-    cache.scatter_(1, target.unsqueeze(-1).expand(-1, -1, D), entry.to(cache.dtype))
 
     # New state: rows for positions [q0' - lag, q0' - lag + S) of the call's end e (q0' = e - e mod m).
     e = s + T
@@ -331,6 +321,34 @@ def compress(kv_proj: Tensor, gate_proj: Tensor, ape: Tensor, norm_weight: Tenso
     new_sc = torch.where(ok, _gather_rows(ext_sc, rows), -math.inf)
     kv_state.copy_(new_kv)
     score_state.copy_(new_sc)
+    return entry.to(act), target
+
+
+def scatter_rows(cache: Tensor, target: Tensor, rows: Tensor) -> None:
+    """cache [B, N, C] (mutated) row target[b, j] <- rows[b, j] (int64 target [B, J], rows [B, J, C])."""
+    cache.scatter_(1, target.unsqueeze(-1).expand(-1, -1, cache.shape[-1]), rows.to(cache.dtype))
+
+
+@_v4op("compress", mutates_args=("kv_state", "score_state", "cache"))
+def compress(kv_proj: Tensor, gate_proj: Tensor, ape: Tensor, norm_weight: Tensor, inv_freq: Tensor,
+             start_pos: Tensor, kv_state: Tensor, score_state: Tensor, cache: Tensor, ratio: int,
+             norm_eps: float, rotate: bool) -> None:
+    """Advance one compressor over a chunk; writes every block that completes in it to `cache`.
+
+    kv_proj, gate_proj f32 [B, T, c D] (x W^T of this chunk, no ape), ape f32 [m, c D], norm_weight [D],
+    inv_freq f32 [R/2], start_pos int [B] (position of the chunk's first token, per sequence),
+    kv_state / score_state f32 [B, c m, c D] (mutated; score rows of absent tokens are -inf),
+    cache act [B, n_blocks + 1, D] (mutated; the LAST row is scratch that absorbs masked writes),
+    ratio m (4 = overlapping CSA: c = 2), rotate: indexer variant (Hadamard + FP4 instead of FP8 nope).
+
+    Block j pools tokens m j .. m j + m - 1 (CSA: plus the A halves of block j-1) with a per-channel
+    softmax over the slots of (ape-biased) gate logits; then act cast, RMSNorm, RoPE at position m j,
+    and FP8 fake-quant of the first D-R channels (or Hadamard + FP4 fake-quant of all D). State rows hold
+    the tokens of the incomplete block (CSA: rows m..2m-1, rows 0..m-1 the previous complete block).
+    """
+    entry, target = compress_core(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state,
+                                  cache.shape[1], cache.dtype, ratio, norm_eps, rotate)
+    scatter_rows(cache, target, entry)
 
 
 @compress.register_fake
@@ -542,3 +560,6 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, w1: Tensor, s1: Tensor,
 @moe_experts.register_fake
 def _(x, weights, ids, w1, s1, w3, s3, w2, s2, swiglu_limit):
     return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
+
+
+from v4compile.model import packed_ops  # noqa: E402,F401 - registers the production-layout ops into BODIES
