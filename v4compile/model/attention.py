@@ -15,6 +15,7 @@ from v4compile.model.config import ModelConfig
 from v4compile.model.layers import Linear, OpTable, RMSNorm, declare
 from v4compile.model.numerics import acc_dtype
 from v4compile.model.ops import visible_block_indices, window_indices
+from v4compile.model.packed_ops import encode_kv
 from v4compile.model.rope import apply_rope_tail, layer_inv_freq
 from v4compile.model.schema import TensorSpec
 from v4compile.quant.formats import fake_quant_fp8
@@ -62,8 +63,7 @@ class Attention(nn.Module):
         kv = torch.cat((fake_quant_fp8(kv[..., : D - R], 64), kv[..., D - R:]), -1)
 
         if self.ratio:  # compressors run before attention: a token completing a block sees it
-            self.compressor(x, start_pos, self.inv_freq, lc.kv_state, lc.score_state, lc.kv)
-            kv2 = lc.kv
+            self.compressor(x, start_pos, self.inv_freq, lc.kv_state, lc.score_state, lc.kv, lc.kv_scale)
             if self.kind == "csa":
                 idx2, scores = self.indexer(x, c_q, positions, start_pos, self.inv_freq, lc)
                 if trace is not None:
@@ -72,12 +72,23 @@ class Attention(nn.Module):
             else:
                 idx2 = visible_block_indices(positions, lc.capacity, self.ratio)
         else:
-            kv2 = x.new_zeros(B, 0, D)
             idx2 = torch.zeros(B, T, 0, dtype=torch.int32, device=x.device)
 
         idx = window_indices(start_pos, T, cfg.window_size)  # into cat(ring, kv)
-        o = ops.sparse_attention(q, torch.cat((lc.ring, kv), 1), idx, kv2, idx2, self.attn_sink, D ** -0.5)
-        ops.ring_write(lc.ring, kv, start_pos)
+        if lc.packed:  # production layout: the chunk's rows encoded once, for the attention and the ring
+            data, scales = encode_kv(kv, R)  # uint8 [B, T, nope + 2R], [B, T, 8]
+            if self.ratio:
+                kv2, kv2_scale = lc.kv, lc.kv_scale
+            else:  # window-only: an empty second source
+                kv2, kv2_scale = data.new_zeros(B, 0, data.shape[-1]), scales.new_zeros(B, 0, scales.shape[-1])
+            o = ops.sparse_attention_fp8(q, torch.cat((lc.ring, data), 1), torch.cat((lc.ring_scale, scales), 1), idx,
+                                         kv2, kv2_scale, idx2, self.attn_sink, D ** -0.5)
+            ops.ring_write(lc.ring, data, start_pos)
+            ops.ring_write(lc.ring_scale, scales, start_pos)
+        else:
+            kv2 = lc.kv if self.ratio else x.new_zeros(B, 0, D)
+            o = ops.sparse_attention(q, torch.cat((lc.ring, kv), 1), idx, kv2, idx2, self.attn_sink, D ** -0.5)
+            ops.ring_write(lc.ring, kv, start_pos)
 
         o = apply_rope_tail(o, positions, self.inv_freq, inverse=True)  # de-rotate by the query position
         G = cfg.o_groups

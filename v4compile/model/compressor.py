@@ -30,10 +30,16 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(spec, f"{prefix}.norm", cfg.norm_eps, ops, device)
 
     def forward(self, x: Tensor, start_pos: Tensor, inv_freq: Tensor, kv_state: Tensor, score_state: Tensor,
-                cache: Tensor) -> None:
-        """x [B, T, d] act: projects in fp32 and advances the state; complete blocks land in `cache`."""
-        self.ops.compress(self.wkv.forward_fp32(x), self.wgate.forward_fp32(x), self.ape, self.norm.weight,
-                          inv_freq, start_pos, kv_state, score_state, cache, self.ratio, self.eps, self.rotate)
+                cache: Tensor, cache_scale: Tensor | None = None) -> None:
+        """x [B, T, d] act: projects in fp32 and advances the state; complete blocks land in `cache` (encoded
+        into cache + cache_scale for a production-layout cache, v4::compress_packed)."""
+        kv, gate = self.wkv.forward_fp32(x), self.wgate.forward_fp32(x)
+        if cache_scale is None:
+            self.ops.compress(kv, gate, self.ape, self.norm.weight, inv_freq, start_pos, kv_state, score_state, cache,
+                              self.ratio, self.eps, self.rotate)
+        else:
+            self.ops.compress_packed(kv, gate, self.ape, self.norm.weight, inv_freq, start_pos, kv_state,
+                                     score_state, cache, cache_scale, self.ratio, self.eps, self.rotate)
 
 
 class Indexer(nn.Module):
@@ -56,7 +62,10 @@ class Indexer(nn.Module):
         q = apply_rope_tail(q, positions, inv_freq)
         q = fake_quant_fp4(hadamard(q), 32)
         w = self.weights_proj(x) * (Di ** -0.5 * Hi ** -0.5)  # [B, T, Hi] act
-        self.compressor(x, start_pos, inv_freq, lc.idx_kv_state, lc.idx_score_state, lc.idx_kv)
+        self.compressor(x, start_pos, inv_freq, lc.idx_kv_state, lc.idx_score_state, lc.idx_kv, lc.idx_kv_scale)
         n = lc.idx_kv.shape[1] - 1  # capacity; the scratch row is never scored
-        scores = self.ops.indexer_scores(q, w, lc.idx_kv[:, :n], positions, 4)
+        if lc.packed:  # packed FP4 keys: codes [B, N, Di/2] + UE8M0 scales [B, N, Di/32]
+            scores = self.ops.indexer_scores_fp4(q, w, lc.idx_kv[:, :n], lc.idx_kv_scale[:, :n], positions, 4)
+        else:
+            scores = self.ops.indexer_scores(q, w, lc.idx_kv[:, :n], positions, 4)
         return self.ops.topk_select(scores, min(self.topk, n)), scores

@@ -7,11 +7,18 @@ indexer keys as packed e2m1 + one UE8M0 scale per 32 dims).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from torch import Tensor
 
 from v4compile.model.config import ModelConfig
 
 LAYOUTS = ("production", "reference")
+GROWING_FIELDS = ("kv", "kv_scale", "idx_kv", "idx_kv_scale")
+"""Cache fields whose rows are compressed entries / indexer keys (one row per `ratio` positions); the others
+(window rings, compressor states) have a fixed size per sequence."""
 V32_BYTES_PER_TOKEN_PER_LAYER = 656 + 132  # DeepSeek V3.2: 512 e4m3 + 4 fp32 scales + 64 bf16, + 132 B FP8 indexer key
 V32_LAYERS = 61
 
@@ -72,3 +79,16 @@ def kv_bytes(cfg: ModelConfig, layout: str = "production") -> KVBytes:
 def v32_bytes_per_token() -> int:
     """DeepSeek V3.2's KV bytes per token (61 layers, FP8 MLA latent + FP8 indexer key): 48 068."""
     return V32_BYTES_PER_TOKEN_PER_LAYER * V32_LAYERS
+
+
+def measured_per_token(named: Iterable[tuple[str, Tensor]], ratios: Sequence[int]) -> float:
+    """KV bytes per token of ALLOCATED cache tensors named 'blocks.{i}.{field}' (Cache.named_tensors(), or an
+    engine session's caches with the manifest's names): each GROWING_FIELDS tensor's bytes of one row of one
+    sequence divided by block i's compress ratio, summed. Equals kv_bytes(cfg, layout).per_token for the layout
+    allocated (reference: at bf16 activations)."""
+    total = 0.0
+    for name, t in named:
+        _, block, fld = name.split(".")
+        if fld in GROWING_FIELDS:
+            total += math.prod(t.shape[2:]) * t.element_size() / ratios[int(block)]
+    return total

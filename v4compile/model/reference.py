@@ -116,10 +116,11 @@ class ReferenceModel(nn.Module):
         """Route op calls to the plain bodies (autograd works) instead of the torch.ops.v4 nodes."""
         self.ops.differentiable = on
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> Cache:
-        """Empty cache for `batch` sequences of up to `max_len` positions (default cfg.max_seq_len)."""
+    def new_cache(self, batch: int, max_len: int | None = None, layout: str = "reference") -> Cache:
+        """Empty cache for `batch` sequences of up to `max_len` positions (default cfg.max_seq_len) in `layout`
+        ("reference" act-dtype rows or "production" uint8 encodings, model/cache.py)."""
         return Cache.allocate(self.cfg, batch, self.cfg.max_seq_len if max_len is None else max_len,
-                              self.act_dtype, self.device)
+                              self.act_dtype, self.device, layout)
 
     def forward(self, tokens: Tensor, start_pos: int | Tensor = 0, cache: Cache | None = None, *,
                 return_hidden: bool = False, trace: dict | None = None) -> Tensor | tuple[Tensor, Tensor]:
