@@ -85,6 +85,11 @@ class Captured:
     max_len: int
 
     @property
+    def kv_layout(self) -> str:
+        """The cache layout the entry point was captured with (model/cache.py), read off the cache names."""
+        return "production" if any(n.endswith(".ring_scale") for n in self.cache_names) else "reference"
+
+    @property
     def graph_module(self) -> torch.fx.GraphModule:
         return self.program.graph_module
 
@@ -100,11 +105,13 @@ def example_len(cfg: ModelConfig, max_len: int) -> int:
     return max(2, min(want, max_len - 1))
 
 
-def example_inputs(model: ReferenceModel, entry: str, batch: int, seq: int, max_len: int) -> tuple[Tensor, ...]:
-    """Example (tokens, start_pos, *caches) for an entry point: zeros, on the model's device."""
+def example_inputs(model: ReferenceModel, entry: str, batch: int, seq: int, max_len: int,
+                   kv_layout: str = "reference") -> tuple[Tensor, ...]:
+    """Example (tokens, start_pos, *caches) for an entry point: zeros, on the model's device; caches in
+    `kv_layout` (model/cache.py)."""
     dev = model.device
     T = _entry_len(entry, seq)
-    cache = model.new_cache(batch, max_len)
+    cache = model.new_cache(batch, max_len, kv_layout)
     tokens = torch.zeros(batch, T, dtype=torch.int64, device=dev)
     start_pos = torch.zeros(batch, dtype=torch.int64, device=dev)
     return (tokens, start_pos, *cache.named_tensors().values())
@@ -120,8 +127,9 @@ def _entry_len(entry: str, seq: int) -> int:
 
 
 def capture(model: ReferenceModel, entry: str = "prefill", *, max_len: int | None = None, batch: int = 2,
-            seq: int = 8) -> Captured:
-    """torch.export `model`'s `entry` point with caches of capacity `max_len` (default cfg.max_seq_len).
+            seq: int = 8, kv_layout: str = "reference") -> Captured:
+    """torch.export `model`'s `entry` point with caches of capacity `max_len` (default cfg.max_seq_len) in
+    `kv_layout` ("reference" or "production": the cache inputs' names, dtypes and shapes, model/cache.py).
 
     `batch` / `seq` size the example inputs only (both dims are dynamic where the entry allows; they must be
     >= 2 so export does not specialise them). Raises ExportError naming the module and the reason.
@@ -131,8 +139,8 @@ def capture(model: ReferenceModel, entry: str = "prefill", *, max_len: int | Non
     if batch < 2 or (entry != "decode" and not 2 <= seq <= max_len):
         raise InputError(f"capture example sizes batch={batch}, seq={seq}: need batch >= 2 and 2 <= seq <= "
                          f"max_len={max_len} (size-1 dims would be specialised)")
-    args = example_inputs(model, entry, batch, seq, max_len)
-    names = list(model.new_cache(1, max_len).named_tensors())
+    args = example_inputs(model, entry, batch, seq, max_len, kv_layout)
+    names = list(model.new_cache(1, max_len, kv_layout).named_tensors())
     wrapper = (TraceEntryPoint if entry == "trace" else EntryPoint)(model, names, max_len)
     b = Dim("batch", min=1, max=max(cfg.max_batch_size, batch))
     tok_dims = {0: b, 1: Dim("seq", min=1, max=max_len)} if entry != "decode" else {0: b}

@@ -3,7 +3,8 @@
 Always: the FX graph lints; every call_function is an OpOverload (aten / v4) or a getitem / symbolic-int
 helper; every node that returns a value carries meta['val']; each cache input of a main layer is written
 by exactly one node and the MTP blocks' caches (not run by these entry points) by none. After each pass,
-the ops it replaces are gone (cumulatively) and the fused ops number what the config says. After
+the ops it replaces are gone (cumulatively) and the fused ops number what the config says (in either cache
+layout: csa_attention or csa_attention_fp8, and so on). After
 quantize_moe_experts every v4::moe_experts node reads e4m3 expert weights with e8m0 / f32 block scales.
 """
 
@@ -23,11 +24,20 @@ _SYM_HELPERS = {operator.getitem, operator.add, operator.sub, operator.mul, oper
 
 GONE_AFTER: dict[str, tuple[str, ...]] = {
     "fuse_mhc": ("v4.hc_mix", "v4.sinkhorn", "v4.hc_collapse"),
-    "fuse_csa_attention": ("v4.indexer_scores", "v4.topk_select"),
-    "fuse_hca_attention": ("v4.compress", "v4.ring_write"),
+    "fuse_csa_attention": ("v4.indexer_scores", "v4.indexer_scores_fp4", "v4.topk_select"),
+    "fuse_hca_attention": ("v4.compress", "v4.compress_packed", "v4.ring_write"),
 }
 """Pass -> ops that may no longer appear once that pass has run (ring_write survives for window layers: see
 _check_counts)."""
+
+
+_FUSED_ATTENTION = (torch.ops.v4.csa_attention.default, torch.ops.v4.hca_attention.default,
+                    torch.ops.v4.csa_attention_fp8.default, torch.ops.v4.hca_attention_fp8.default)
+_LAYOUT_VARIANTS = {"v4.csa_attention": ("v4.csa_attention", "v4.csa_attention_fp8"),
+                    "v4.hca_attention": ("v4.hca_attention", "v4.hca_attention_fp8"),
+                    "v4.sparse_attention": ("v4.sparse_attention", "v4.sparse_attention_fp8"),
+                    "v4.hc_pre": ("v4.hc_pre",)}
+"""Op -> its spellings in the two cache layouts (counted together against the config)."""
 
 
 class GraphSpecError(ExportError):
@@ -74,7 +84,7 @@ def _check_node(n: fx.Node, stage: str) -> None:
     returns = schema is None or len(schema.returns) > 0
     if returns and n.target is not operator.getitem and "val" not in n.meta:
         raise GraphSpecError(f"after {stage}: {describe(n)} has no meta['val'] (a pass forgot fake propagation)")
-    if n.target in (torch.ops.v4.csa_attention.default, torch.ops.v4.hca_attention.default):
+    if n.target in _FUSED_ATTENTION:
         q, out = n.args[0].meta["val"], n.meta["val"]
         out = out[0] if isinstance(out, (tuple, list)) else out  # csa_attention: (o, picks)
         if out.dtype != q.dtype or out.shape != q.shape:
@@ -124,8 +134,9 @@ def _check_counts(g: Captured, stage: str, done: list[str]) -> None:
     if "fuse_mhc" in done:
         want["v4.hc_pre"] = 2 * cfg.n_layers
     for op, n in want.items():
-        if counts[op] != n:
-            raise GraphSpecError(f"after {stage}: {counts[op]} {op} nodes; the config has {n} "
+        got = sum(counts[v] for v in _LAYOUT_VARIANTS[op])
+        if got != n:
+            raise GraphSpecError(f"after {stage}: {got} {' / '.join(_LAYOUT_VARIANTS[op])} nodes; the config has {n} "
                                  f"(layer kinds {kinds})")
 
 
