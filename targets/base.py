@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from v4compile.errors import InputError, TargetError
+from v4compile.errors import ConfigError, InputError, TargetError
+from v4compile.model.kv_bytes import LAYOUTS as KV_LAYOUTS
 from v4compile.runtime.manifest import machine_arch
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -33,6 +34,7 @@ class Target:
     max_len: int = 1 << 20
     notes: str = ""
     ops: tuple[str, ...] = field(default=())  # ops the kernel registry is asked about (registry policy)
+    kv_layouts: tuple[str, ...] = ("reference",)  # cache layouts its engines can use (model/cache.py)
 
     def check_precision(self, precision: str) -> None:
         if precision not in PRECISIONS:
@@ -51,6 +53,24 @@ class Target:
             raise InputError(f"max_batch {max_batch} / max_len {max_len}: target {self.name} allows batch "
                              f"1..{self.max_batch} and length 2..{longest}")
         return max_batch, max_len
+
+    def kv_layout(self, precision: str, requested: str | None = None) -> str:
+        """The cache layout of an engine at `precision`: `requested`, else "production" (V4-SPEC 6.2) where this
+        target has it and the activations are bf16 (its RoPE dims are stored bf16), else "reference". A
+        production request that cannot be honoured is a TargetError (target) or ConfigError (precision)."""
+        bf16 = self.act_dtype(precision) == torch.bfloat16
+        if requested is None:
+            return "production" if bf16 and "production" in self.kv_layouts else "reference"
+        elif requested not in KV_LAYOUTS:
+            raise InputError(f"KV cache layout {requested!r}; expected one of {', '.join(KV_LAYOUTS)}")
+        elif requested not in self.kv_layouts:
+            raise TargetError(f"target {self.name} builds engines with the {' / '.join(self.kv_layouts)} KV cache "
+                              f"layout only, not {requested!r}")
+        elif requested == "production" and not bf16:
+            raise ConfigError(f"KV layout production with precision {precision}: the layout stores the RoPE dims "
+                              "as bf16, exact only for bf16 activations (precision bf16 or fp8); use the reference "
+                              "layout")
+        return requested
 
     def act_dtype(self, precision: str) -> torch.dtype:
         """Activation dtype of a precision (fp8 = FP8 weights and experts, bf16 activations)."""

@@ -125,7 +125,7 @@ def _manifest(model: Any, precision: str, via: str, max_batch: int, max_len: int
             "io": {"inputs": ["tokens", "start_pos", *fp.cache_names],
                    "outputs": ["logits", *(output_name(n) for n in fp.cache_names)]},
         },
-        "cache": {"max_batch": max_batch, "max_len": max_len,
+        "cache": {"max_batch": max_batch, "max_len": max_len, "kv_layout": "reference",  # its plugins' layout
                   "tensors": mf.cache_layout(model.cfg, max_len, model.act_dtype)},
         "artifacts": {"onnx": None, "plan": None, "pt2": None},
         "parity": None,

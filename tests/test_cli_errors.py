@@ -50,7 +50,9 @@ def test_build_bad_inputs(tmp_path):
     for args, msg in ((["--preset", "tiny", "--checkpoint", str(tmp_path)], "exactly one"), ([], "exactly one"),
                       (["--preset", "huge"], "huge"), (["--checkpoint", str(tmp_path / "none")], "not a directory"),
                       (["--preset", "tiny", "--precision", "fp4"], "fp4"),
-                      (["--preset", "tiny", "--max-len", "1"], "max_len 1")):
+                      (["--preset", "tiny", "--max-len", "1"], "max_len 1"),
+                      (["--preset", "tiny", "--kv-layout", "packed"], "packed"),
+                      (["--preset", "tiny", "--kv-layout", "production"], "precision fp32")):  # fp32 is the default
         line = _one_line(CliRunner().invoke(main, ["build", *args, "-o", out]), 2, progress_before=True)
         assert msg in line, (args, line)
     (tmp_path / "exists").mkdir()
@@ -58,6 +60,10 @@ def test_build_bad_inputs(tmp_path):
     assert "already exists" in line
     line = _one_line(CliRunner().invoke(main, ["build", "--preset", "tiny", "--target", "tpu", "-o", out]), 3)
     assert "unknown target 'tpu'" in line
+    line = _one_line(CliRunner().invoke(main, ["build", "--preset", "tiny", "--target", "tensorrt", "--precision",
+                                               "bf16", "--kv-layout", "production", "-o", out]), 3)
+    assert "target tensorrt builds engines with the reference KV cache layout only" in line
+    assert not (tmp_path / "e").exists()
 
 
 def test_run_and_demo_bad_inputs(tmp_path):

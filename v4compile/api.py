@@ -79,7 +79,7 @@ class BuildStages:
 def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: str | Path = "engine", *,
           check: bool = True, max_batch: int | None = None, max_len: int | None = None,
           progress: bool = True, overwrite: bool = False, trace: bool = False,
-          allow_lossy_repack: bool = False, via: str = "onnx") -> Path:
+          allow_lossy_repack: bool = False, via: str = "onnx", kv_layout: str | None = None) -> Path:
     """Compile `source` for `target` into an engine directory `out_dir` (see module doc); returns its path.
 
     check: run the build-time parity check (engine vs eager) and record it in the manifest; a failure raises
@@ -89,10 +89,14 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     allow_lossy_repack: let quantize_moe_experts (fp8) accept a lossy MXFP4 -> FP8 repack (reported).
     target "tensorrt": ONNX with plugin nodes (+ a TensorRT plan where TensorRT is installed) or, with
     via="torch_tensorrt", Torch-TensorRT; see targets/tensorrt.py (max_batch / max_len / check as above).
+    kv_layout: the engine's cache layout, "production" (V4-SPEC 6.2 encodings: 3 514 B / token at Flash) or
+    "reference" (act-dtype rows); default production for bf16 / fp8 on cpu, h100, h200, else reference
+    (Target.kv_layout; a production request that cannot be honoured is a ConfigError / TargetError).
     """
     if target == "tensorrt":
         from v4compile.targets.tensorrt import TENSORRT, build_tensorrt
 
+        TENSORRT.kv_layout(precision, kv_layout)  # reference only: its plugins read act-dtype caches
         model = model_from_source(source, TENSORRT.act_dtype(precision), "cpu")  # exported on the CPU
         return build_tensorrt(model, out_dir, via=via, precision=precision, max_batch=max_batch, max_len=max_len,
                               check=check, overwrite=overwrite)
@@ -104,6 +108,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
 
     tgt = get_target(target)
     act = tgt.act_dtype(precision)
+    layout = tgt.kv_layout(precision, kv_layout)
     check_machine(tgt)
     out = mf.check_out_dir(out_dir, overwrite)
     stages = BuildStages(progress)
@@ -113,7 +118,7 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     max_batch, max_len = tgt.engine_limits(cfg, max_batch, max_len)
     with mf.atomic_engine_dir(out) as tmp:  # an exception or Ctrl-C leaves neither an engine nor a temp dir
         entries = (("prefill", "decode") if tgt.separate_decode else ("prefill",)) + (("trace",) if trace else ())
-        job = EntryJob(tgt.name, precision, max_len, max_batch, allow_lossy_repack)
+        job = EntryJob(tgt.name, precision, max_len, max_batch, allow_lossy_repack, layout)
         kernels: dict[str, str] = {}
         weight_bytes = sum(t.nbytes for t in model.state_dict().values())
         if parallel_wanted(len(entries), weight_bytes):  # each program in its own process: capture .. compile
@@ -156,7 +161,8 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
                 **({"trace": {"model": "trace", "batch": [1, max_batch], "tokens": [1, max_len],
                               "outputs": trace_outputs(cfg)}} if trace else {}),
             },
-            "cache": {"max_batch": max_batch, "max_len": max_len, "tensors": mf.cache_layout(cfg, max_len, act)},
+            "cache": {"max_batch": max_batch, "max_len": max_len, "kv_layout": layout,
+                      "tensors": mf.cache_layout(cfg, max_len, act, layout)},
             "weights": weights_section,
             "parity": None,
         }

@@ -44,6 +44,7 @@ class EntryJob:
     max_len: int
     max_batch: int
     allow_lossy_repack: bool
+    kv_layout: str = "reference"  # the engine's cache layout (model/cache.py)
 
 
 PARALLEL_MAX_BYTES = 4 << 30
@@ -72,12 +73,12 @@ def lower_entry(model: Any, job: EntryJob, entry: str, stages: Any, memo: dict |
 
     tgt = get_target(job.target)
     with stages(f"capture {entry}"):
-        g = capture(model, entry, max_len=job.max_len)
+        g = capture(model, entry, max_len=job.max_len, kv_layout=job.kv_layout)
     with stages(f"passes {entry}"):
         g = run_pipeline(g, precision=job.precision,
                          pass_options={"quantize_moe_experts": {"allow_lossy": job.allow_lossy_repack, "memo": memo}})
     with stages(f"lower {entry} ({tgt.name})"):
-        ex = example_inputs(model, entry, 2, example_len(model.cfg, job.max_len), job.max_len)
+        ex = example_inputs(model, entry, 2, example_len(model.cfg, job.max_len), job.max_len, job.kv_layout)
         return lower(g, tgt, ex, max(2, job.max_batch))
 
 

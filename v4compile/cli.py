@@ -240,10 +240,14 @@ def bench_model(args: tuple[str, ...]) -> None:
 @click.option("--trace", is_flag=True,
               help="Also compile the trace program (per-layer hidden states, indexer picks, expert ids) that "
                    "`validate` uses for per-layer metrics (one more compile).")
+@click.option("--kv-layout", type=click.Choice(["production", "reference"]),
+              help="Cache layout: production (FP8 e4m3 + bf16 RoPE + UE8M0 KV rows, packed FP4 indexer keys: "
+                   "V4-SPEC 6.2) or reference (activation-dtype rows). Default: production for bf16 / fp8 on "
+                   "cpu, h100, h200; reference for fp32 and tensorrt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's summary as JSON.")
 def build_cmd(preset: str | None, checkpoint: str | None, target: str, via: str, allow_lossy_repack: bool,
               precision: str, out: str, no_check: bool, max_batch: int | None, max_len: int | None, overwrite: bool,
-              trace: bool, as_json: bool) -> None:
+              trace: bool, kv_layout: str | None, as_json: bool) -> None:
     """Compile a model into an engine directory (manifest.json + model.pt2), checked against eager.
 
     \b
@@ -252,6 +256,7 @@ def build_cmd(preset: str | None, checkpoint: str | None, target: str, via: str,
       v4compile build --preset tiny --target cpu --max-len 64 --trace -o tiny.engine --json
       v4compile build --checkpoint ./DeepSeek-V4-Flash --target h200 --precision fp8 -o flash.engine
       v4compile build --preset tiny --target tensorrt --max-len 64 -o tiny.trt   # ONNX half without TensorRT
+      v4compile build --preset tiny --target cpu --precision bf16 --kv-layout reference -o tiny-bf16.engine
     """
     from v4compile.api import build
     from v4compile.errors import ConfigError, InputError
@@ -264,14 +269,16 @@ def build_cmd(preset: str | None, checkpoint: str | None, target: str, via: str,
         raise InputError(f"--via {via} applies to --target tensorrt only")
     path = build(preset or checkpoint, target, precision, out, check=not no_check, max_batch=max_batch,
                  max_len=max_len, progress=not as_json, overwrite=overwrite, trace=trace,
-                 allow_lossy_repack=allow_lossy_repack, via=via)
+                 allow_lossy_repack=allow_lossy_repack, via=via, kv_layout=kv_layout)
     manifest = json.loads((path / "manifest.json").read_text())
+    layout = manifest["cache"].get("kv_layout", "reference")
     if as_json:
         click.echo(json.dumps({"engine": str(path), "target": manifest["target"], "precision": precision,
-                               "entry_points": sorted(manifest["entry_points"]), "parity": manifest["parity"],
-                               "stage_seconds": manifest["build"]["stage_seconds"]}, indent=2))
+                               "kv_layout": layout, "entry_points": sorted(manifest["entry_points"]),
+                               "parity": manifest["parity"], "stage_seconds": manifest["build"]["stage_seconds"]},
+                              indent=2))
     else:
-        click.echo(f"engine written to {path}; parity: {manifest['parity']}")
+        click.echo(f"engine written to {path} (KV layout {layout}); parity: {manifest['parity']}")
 
 
 def _token_ids(text: str) -> list[int]:

@@ -50,8 +50,11 @@ def _engine_key(checkpoint: Path, target: str, precision: str, max_len: int) -> 
             h.update(f.name.encode())
             h.update(f.read_bytes())
     from v4compile.runtime.manifest import FORMAT_VERSION  # a new engine format gets a new directory
+    from v4compile.targets import get_target  # and a new default KV layout a new one too
 
-    h.update(f"{target}|{precision}|{max_len}|{v4compile.__version__}|{torch.__version__}|{FORMAT_VERSION}".encode())
+    layout = get_target(target).kv_layout(precision)
+    h.update(f"{target}|{precision}|{layout}|{max_len}|{v4compile.__version__}|{torch.__version__}|{FORMAT_VERSION}"
+             .encode())
     return h.hexdigest()[:16]
 
 

@@ -1,7 +1,9 @@
-"""The session's ONE tiny cpu engine build, shared by the Python runtime tests and the C++ runtime tests.
+"""The session's tiny cpu engine builds, shared by the Python runtime tests and the C++ runtime tests.
 
-fp32 activations: engine and eager then differ only in summation order, so logits are compared with the
-kernel tolerance and greedy tokens must agree exactly (bf16 noise can flip an argmax between near-ties).
+engine_dir: fp32 activations: engine and eager then differ only in summation order, so logits are compared with
+the kernel tolerance and greedy tokens must agree exactly (bf16 noise can flip an argmax between near-ties).
+production_engine_dir: bf16 with the production KV layout (uint8 caches, model/cache.py), which fp32 cannot
+use; the smallest build that still crosses an HCA block (max_len 32, no trace program).
 """
 
 import pytest
@@ -12,6 +14,7 @@ from v4compile.model.config import ModelConfig
 from v4compile.model.reference import ReferenceModel
 
 MAX_LEN, MAX_BATCH = 64, 4
+PRODUCTION_MAX_LEN, PRODUCTION_MAX_BATCH = 32, 2
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +34,22 @@ def engine_dir(tmp_path_factory, eager):
 @pytest.fixture(scope="session")
 def engine(engine_dir):
     return load_engine(engine_dir)
+
+
+@pytest.fixture(scope="session")
+def eager_bf16():
+    """The seeded tiny reference model at bf16 (what build("tiny", ..., "bf16") compiles)."""
+    return ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.bfloat16).eval()
+
+
+@pytest.fixture(scope="session")
+def production_engine_dir(tmp_path_factory):
+    """tiny, cpu target, bf16, default KV layout (production), max_batch 2, max_len 32, parity check on."""
+    out = tmp_path_factory.mktemp("engines") / "tiny-bf16.engine"
+    return build("tiny", "cpu", "bf16", out, max_batch=PRODUCTION_MAX_BATCH, max_len=PRODUCTION_MAX_LEN,
+                 progress=False)
+
+
+@pytest.fixture(scope="session")
+def production_engine(production_engine_dir):
+    return load_engine(production_engine_dir)

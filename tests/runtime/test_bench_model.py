@@ -5,12 +5,17 @@ import json
 import math
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from v4compile.bench import model_measure
 from v4compile.bench.model import run_model_bench
+from v4compile.bench.model_floor import decode_cache_bytes, measured_kv_bytes
 from v4compile.cli import main as cli_main
+from v4compile.model.cache import Cache
 from v4compile.model.config import ModelConfig
+from v4compile.model.kv_bytes import kv_bytes
+from v4compile.runtime import manifest as mf
 
 CONTEXTS, BATCH, PREFILLS, STEPS = (24, 40, 100), 2, (8, 100), 2  # 100 > the engine's max_len 64
 F32 = 4  # the session engine's caches are float32
@@ -156,6 +161,27 @@ def test_measured_kv_bytes_match_the_allocation(bench):
     assert got["growing_per_token"] == pytest.approx(growing / L)
     assert got["per_token"] == pytest.approx((total + growing) / L)
     assert bench["kv_bytes"]["ratio_v32_over_measured"] == pytest.approx(48068 / got["per_token"])
+    # the long-context bytes per token of the engine's allocation: fp32 rows, twice the bf16 reference formula
+    assert got["layout"] == bench["kv_bytes"]["measured_layout"] == "reference"
+    assert got["entries_per_token"] == bench["kv_bytes"]["measured_per_token"] == 2 * kv_bytes(cfg, "reference").per_token
+
+
+def test_production_layout_floor_and_measured_bytes_count_the_scale_tensors():
+    """What `bench model` reports for a production-layout engine, from its manifest's cache entries (no build)."""
+    cfg, L, B, C = ModelConfig.preset("tiny"), 64, 2, 40
+    layout = mf.cache_layout(cfg, L, torch.bfloat16, "production")
+    entry = (cfg.head_dim - cfg.rope_head_dim) + 2 * cfg.rope_head_dim + 8  # e4m3 nope, bf16 RoPE, 8 scale bytes
+    key = cfg.index_head_dim // 2 + cfg.index_head_dim // 32  # packed e2m1 + UE8M0 per 32
+    n_csa = sum(cfg.layer_kind(i) == "csa" for i in range(cfg.n_layers))
+    assert decode_cache_bytes(cfg, layout, B, C) == {
+        "window": B * cfg.n_layers * min(C, cfg.window_size) * entry,
+        "csa_index_keys": B * n_csa * (C // 4) * key, "csa_selected": B * n_csa * min(cfg.index_topk, C // 4) * entry,
+        "hca_compressed": B * (C // 16) * entry}
+    named = Cache.allocate(cfg, B, L, torch.bfloat16, layout="production").named_tensors()
+    m = measured_kv_bytes(named.values(), named.keys(), B, L, cfg.compress_ratios)
+    assert m["layout"] == "production" and m["entries_per_token"] == kv_bytes(cfg, "production").per_token
+    assert m["growing_per_token"] == pytest.approx(sum(
+        named[n].nbytes for n in named if n.rsplit(".", 1)[1] in ("kv", "kv_scale", "idx_kv", "idx_kv_scale")) / (B * L))
 
 
 def test_compile_failure_is_recorded_and_later_shapes_skipped(monkeypatch, one_thread):

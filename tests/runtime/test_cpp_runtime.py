@@ -264,6 +264,17 @@ def test_real_engine_prints_the_eager_greedy_tokens(engine_dir: Path, eager, v4r
     assert got == cut(want[2][2]) and len(got[2]) == want[2].index(want[2][2]) + 1
 
 
+def test_production_layout_engine_gives_the_python_engines_tokens(production_engine_dir: Path, production_engine,
+                                                                  v4run: Path) -> None:
+    """A bf16 engine whose caches are uint8 (production KV layout, allocated from the manifest by dtype): v4run's
+    greedy tokens are the Python runtime's (the same compiled program), alone and batched."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 1024, (n,), generator=g).tolist() for n in (3, 12)]
+    want = production_engine.generate(prompts, 6, stop_tokens=())
+    args = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
+    assert token_lines(run(v4run, str(production_engine_dir), *args, "--max-new-tokens", "6", "--no-stop")) == want
+
+
 # ------------------------------------------------------------------------------------------ SHA-256
 
 

@@ -89,3 +89,49 @@ def test_e8m0_constants_are_widened_exactly():
     got = gm(x)
     assert all(t.dtype != torch.float8_e8m0fnu for t in list(gm.buffers()) + list(gm.parameters()))
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.fixture
+def packed_stand_ins():
+    """Stand-ins for the production-layout primitives on the test target (counted while tracing)."""
+    calls = {"sparse_attention_fp8": 0, "indexer_scores_fp4": 0, "compress_packed": 0}
+
+    def counting(name):
+        def fn(*args, **kwargs):
+            calls[name] += 1
+            return BODIES[name](*args, **kwargs)
+        return fn
+
+    for name in calls:
+        registry.register_kernel(f"v4::{name}", TEST_TARGET.name, name=f"test::{name}")(counting(name))
+    yield calls
+    for name in calls:
+        registry.unregister_kernel(f"v4::{name}", TEST_TARGET.name, f"test::{name}")
+
+
+def test_production_layout_fused_ops_are_composed_from_registry_kernels(packed_stand_ins, one_thread):
+    """csa_attention_fp8 / hca_attention_fp8 have no kernel of their own: lowering composes them from the
+    registry kernels of compress_packed, indexer_scores_fp4 and sparse_attention_fp8; bit-identical to eager."""
+    model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.bfloat16).eval()
+    max_len = 32
+    g = run_pipeline(capture(model, "prefill", max_len=max_len, kv_layout="production"))
+    ex = example_inputs(model, "prefill", 2, 19, max_len, "production")
+    lo = lower(g, TEST_TARGET, ex, 2)
+    cfg = model.cfg
+    n_csa = sum(cfg.layer_kind(i) == "csa" for i in range(cfg.n_layers))
+    assert packed_stand_ins["sparse_attention_fp8"] == cfg.n_layers
+    assert packed_stand_ins["compress_packed"] == 2 * n_csa + 1 and packed_stand_ins["indexer_scores_fp4"] == n_csa
+    csa = lo.kernels["v4::csa_attention_fp8"]
+    for part in ("compress_packed=test::compress_packed", "indexer_scores_fp4=test::indexer_scores_fp4",
+                 "sparse_attention_fp8=test::sparse_attention_fp8", "topk_select=reference"):
+        assert part in csa, csa
+    assert "compress_packed=test::compress_packed" in lo.kernels["v4::hca_attention_fp8"]
+    assert lo.kernels["v4::sparse_attention_fp8"] == "test::sparse_attention_fp8"  # the window layer's own node
+
+    tokens = torch.randint(0, cfg.vocab_size, (2, 21), generator=torch.Generator().manual_seed(3))
+    caches = [torch.zeros_like(c) for c in ex[2:]]
+    got = lo.program.module()(tokens, torch.zeros(2, dtype=torch.int64), *caches)
+    want_cache = model.new_cache(2, max_len, "production")
+    want = model(tokens, 0, want_cache)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(caches, want_cache.named_tensors().values()))

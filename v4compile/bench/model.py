@@ -89,7 +89,8 @@ def cached_engine(source: str, cfg: ModelConfig, target: str, precision: str, pl
     if Path(source).is_dir():  # keyed by path (hashing a bench checkpoint's 28 GB would take minutes)
         name = "ckpt-" + hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:10]
     versions = f"v{v4compile.__version__}-torch{torch.__version__}"
-    out = _cache_root(engine_cache) / f"{name}-{target}-{precision}-b{max_batch}-l{max_len}-{versions}"
+    layout = tgt.kv_layout(precision)  # api.build's default for the target and precision
+    out = _cache_root(engine_cache) / f"{name}-{target}-{precision}-{layout}-b{max_batch}-l{max_len}-{versions}"
     info: dict[str, Any] = {"dir": str(out)}
     if out.exists():
         try:
@@ -122,12 +123,17 @@ def kv_report(cfg: ModelConfig, measured: dict[str, Any]) -> dict[str, Any]:
         "production_per_token": prod, "reference_per_token": kv_bytes(cfg, "reference").per_token,
         "v32_per_token": v32, "v32_same_layers_per_token": v32_same,
         "note": "measured per_token = all allocated cache bytes / (batch * max_len), window rings and compressor "
-                "states included; growing_per_token counts the compressed-entry and indexer-key tensors only. "
+                "states included; growing_per_token counts the compressed-entry and indexer-key tensors only; "
+                "entries_per_token (measured_per_token) is the long-context bytes per token of the allocation "
+                "(each entry tensor's row bytes / its layer's ratio), comparable with production_per_token. "
                 "v32_same_layers = V3.2's 788 B per layer times this config's n_layers."}
     key = "engine" if measured.get("engine") else "eager" if measured.get("eager") else None
     if key:
         m = measured[key]["per_token"]
-        out.update(measured_from=key, ratio_v32_over_measured=v32 / m, ratio_v32_same_layers_over_measured=v32_same / m)
+        entries = measured[key]["entries_per_token"]
+        out.update(measured_from=key, measured_layout=measured[key]["layout"], measured_per_token=entries,
+                   ratio_v32_over_measured_per_token=v32 / entries if entries else None,
+                   ratio_v32_over_measured=v32 / m, ratio_v32_same_layers_over_measured=v32_same / m)
         if prod > 0:
             out.update(ratio_measured_over_production=m / prod,
                        ratio_growing_over_production=measured[key]["growing_per_token"] / prod)

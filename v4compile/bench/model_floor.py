@@ -6,8 +6,9 @@ Decode floor (one step of `batch` sequences whose last timed query sits at posit
   min(batch * top_k, n_routed) routed experts per layer; the embedding table and the hash-routing table only
   by the `batch` rows looked up; the MTP block not at all (the decode entry point does not run it);
 - caches, per main layer and sequence, entry sizes from the cache layout actually allocated (the engine's
-  manifest, or the reference layout): the window ring's min(C, window) entries; CSA: all floor(C/4) indexer keys
-  + min(index_topk, floor(C/4)) compressed entries; HCA: all floor(C/m) compressed entries.
+  manifest, or the reference layout; production entries count their scale bytes too): the window ring's
+  min(C, window) entries; CSA: all floor(C/4) indexer keys + min(index_topk, floor(C/4)) compressed entries;
+  HCA: all floor(C/m) compressed entries.
 Writes (the new ring entry, compressor state rows) and activations are left out: the floor is a lower bound.
 """
 
@@ -19,10 +20,9 @@ from typing import Any, Iterable
 import torch
 
 from v4compile.model.config import ModelConfig
+from v4compile.model.kv_bytes import GROWING_FIELDS, measured_per_token
 from v4compile.model.schema import checkpoint_schema, model_key
 from v4compile.runtime import manifest as mf
-
-_GROWING = ("kv", "idx_kv")  # cache fields whose row count grows with max_len; the rest is fixed per sequence
 _FILL_CHUNK = 1 << 24
 
 
@@ -59,17 +59,21 @@ def layout_entry_bytes(layout: list[dict[str, Any]]) -> dict[str, int]:
 
 def decode_cache_bytes(cfg: ModelConfig, layout: list[dict[str, Any]], batch: int, context: int) -> dict[str, int]:
     """Cache bytes one decode step must read at context `context` (see module doc), by part."""
-    entry = layout_entry_bytes(layout)
+    sizes = layout_entry_bytes(layout)
+
+    def entry(name: str) -> int:  # a row of the data tensor and, in the production layout, of its scales
+        return sizes[name] + sizes.get(f"{name}_scale", 0)
+
     window = index = selected = compressed = 0
     for i in range(cfg.n_layers):
         m = cfg.compress_ratios[i]
-        window += min(context, cfg.window_size) * entry[f"blocks.{i}.ring"]
+        window += min(context, cfg.window_size) * entry(f"blocks.{i}.ring")
         if m == 4:
             n = context // 4
-            index += n * entry[f"blocks.{i}.idx_kv"]
-            selected += min(cfg.index_topk, n) * entry[f"blocks.{i}.kv"]
+            index += n * entry(f"blocks.{i}.idx_kv")
+            selected += min(cfg.index_topk, n) * entry(f"blocks.{i}.kv")
         elif m > 4:
-            compressed += (context // m) * entry[f"blocks.{i}.kv"]
+            compressed += (context // m) * entry(f"blocks.{i}.kv")
     return {"window": batch * window, "csa_index_keys": batch * index, "csa_selected": batch * selected,
             "hca_compressed": batch * compressed}
 
@@ -83,16 +87,22 @@ def decode_floor(cfg: ModelConfig, layout: list[dict[str, Any]], batch: int, con
     return {"bytes": total, "us": total / (copy_gbps * 1e3), "weights": w, "caches": c}
 
 
-def measured_kv_bytes(caches: Iterable[torch.Tensor], names: Iterable[str], batch: int, max_len: int
-                      ) -> dict[str, float]:
-    """Bytes per token of allocated cache tensors: all of them, and the part that grows with max_len."""
+def measured_kv_bytes(caches: Iterable[torch.Tensor], names: Iterable[str], batch: int, max_len: int,
+                      ratios: Iterable[int]) -> dict[str, Any]:
+    """Bytes per token of allocated cache tensors: all of them / (batch * max_len), the part that grows with
+    max_len (compressed entries and indexer keys, scratch rows included), and "entries_per_token": the
+    long-context bytes per token of this allocation (kv_bytes.measured_per_token: rows / ratio, the quantity
+    V4-SPEC 6.3 tabulates); "layout": the KV layout the tensors are in."""
+    named = list(zip(names, caches, strict=True))
     total = growing = 0
-    for name, t in zip(names, caches, strict=True):
+    for name, t in named:
         n = t.numel() * t.element_size()
         total += n
-        growing += n if name.rsplit(".", 1)[-1] in _GROWING else 0
-    return {"allocated_bytes": total, "batch": batch, "max_len": max_len,
-            "per_token": total / (batch * max_len), "growing_per_token": growing / (batch * max_len)}
+        growing += n if name.rsplit(".", 1)[-1] in GROWING_FIELDS else 0
+    layout = "production" if any(name.endswith(".ring_scale") for name, _ in named) else "reference"
+    return {"allocated_bytes": total, "batch": batch, "max_len": max_len, "layout": layout,
+            "per_token": total / (batch * max_len), "growing_per_token": growing / (batch * max_len),
+            "entries_per_token": measured_per_token(named, list(ratios))}
 
 
 @torch.no_grad()

@@ -139,7 +139,7 @@ def engine_decode(engine: Any, batch: int, context: int, plan: Plan, kv: dict[st
         session = engine.new_session(batch)
         fill_random_(session.caches, plan.seed)
         kv.setdefault("engine", measured_kv_bytes(session.caches, [e["name"] for e in engine.layout], batch,
-                                                  engine.max_len))
+                                                  engine.max_len, engine.cfg.compress_ratios))
         tokens, pos = _decode_inputs(engine.vocab_size, batch, context, plan)
         times, out = _timed_steps(lambda i: engine.decode(tokens[i], pos[i], session), plan, dev)
         mode = engine.decode_mode if dev.type == "cuda" else "cpu (no CUDA graphs)"
@@ -196,7 +196,8 @@ def engine_phase(engine: Any, plan: Plan, kv: dict[str, Any], log: Callable[[str
         log(f"engine prefill {n}: {_brief(r, 'tokens_per_s')}")
     if "engine" not in kv:  # no decode row ran: measure a batch-1 session anyway
         s = engine.new_session(1)
-        kv["engine"] = measured_kv_bytes(s.caches, [e["name"] for e in engine.layout], 1, engine.max_len)
+        kv["engine"] = measured_kv_bytes(s.caches, [e["name"] for e in engine.layout], 1, engine.max_len,
+                                         engine.cfg.compress_ratios)
         del s
     return decode, prefill
 
@@ -228,7 +229,7 @@ def eager_decode(model: Any, batch: int, context: int, plan: Plan, kv: dict[str,
         fill_random_(named.values(), plan.seed)
         seen = kv.get("eager") if kv is not None else None
         if kv is not None and (seen is None or batch * context > seen["batch"] * seen["max_len"]):  # largest cache
-            kv["eager"] = measured_kv_bytes(named.values(), named.keys(), batch, context)
+            kv["eager"] = measured_kv_bytes(named.values(), named.keys(), batch, context, cfg.compress_ratios)
         tokens, pos = _decode_inputs(cfg.vocab_size, batch, context, plan, dev)
         flat = list(named.values())
         step = ((lambda i: model(tokens[i], pos[i], cache)) if compiled is None

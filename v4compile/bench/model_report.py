@@ -73,10 +73,12 @@ def print_report(payload: dict[str, Any]) -> None:
     for name in ("engine_measured", "eager_measured"):
         if kv.get(name):
             m = kv[name]
-            k.add_row(f"{name} (all / growing part)", f"{m['per_token']:.1f} / {m['growing_per_token']:.1f}")
-    for name in ("production_per_token", "reference_per_token", "v32_per_token", "v32_same_layers_per_token",
-                 "ratio_v32_over_measured", "ratio_v32_same_layers_over_measured", "ratio_measured_over_production"):
-        if name in kv:
+            k.add_row(f"{name}, {m['layout']} layout (entries / all / growing part)",
+                      f"{m['entries_per_token']:.1f} / {m['per_token']:.1f} / {m['growing_per_token']:.1f}")
+    for name in ("measured_per_token", "production_per_token", "reference_per_token", "v32_per_token",
+                 "v32_same_layers_per_token", "ratio_v32_over_measured_per_token", "ratio_v32_over_measured",
+                 "ratio_v32_same_layers_over_measured", "ratio_measured_over_production"):
+        if kv.get(name) is not None:
             k.add_row(name, f"{kv[name]:.2f}")
     for table in (t, p, k):
         console.print(table)

@@ -105,6 +105,7 @@ class Engine:
         self.cfg = ModelConfig.from_dict(manifest["config"])
         cache = manifest["cache"]
         self.max_batch, self.max_len, self.layout = int(cache["max_batch"]), int(cache["max_len"]), cache["tensors"]
+        self.kv_layout = mf.kv_layout_of(manifest)  # "production" / "reference" (model/cache.py); tensors say how
         self.vocab_size = self.cfg.vocab_size
         self._decode_graphs: dict[tuple, _DecodeGraph] = {}
         # how decode runs on a GPU: "cuda-graph" (captured per batch size and cache set, replayed), or

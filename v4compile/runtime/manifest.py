@@ -3,6 +3,9 @@ reading it, and the checks load_engine makes (format version, checksums, arch, t
 
 Cache tensors are listed in the entry points' input order with batch dim 0 written as -1 and an "init"
 of "zeros" or "neg_inf" (compressor score states); both the Python and the C++ runtime allocate from it.
+The cache section's "kv_layout" names the layout those tensors are in ("production": uint8 encodings,
+"reference": act-dtype rows, model/cache.py); engines written before the key existed are "reference". The
+tensor list alone is what allocation needs, so no format version change came with the key.
 This module imports nothing of the compiler (graph, plugins): the runtime uses it.
 """
 
@@ -23,6 +26,7 @@ import torch
 from v4compile.errors import EngineError, InputError
 from v4compile.model.cache import Cache
 from v4compile.model.config import ModelConfig
+from v4compile.model.kv_bytes import LAYOUTS
 
 FORMAT_VERSION = 2  # 2: constants in weights.safetensors, bound at load (1: inside each model's .so)
 MANIFEST = "manifest.json"
@@ -42,14 +46,23 @@ def dtype_of(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def cache_layout(cfg: ModelConfig, max_len: int, act_dtype: torch.dtype) -> list[dict[str, Any]]:
+def cache_layout(cfg: ModelConfig, max_len: int, act_dtype: torch.dtype,
+                 kv_layout: str = "reference") -> list[dict[str, Any]]:
     """[{name, shape (batch dim -1), dtype, init}] in the entry points' input order (Cache.named_tensors)."""
-    cache = Cache.allocate(cfg, 1, max_len, act_dtype, device="meta")
+    cache = Cache.allocate(cfg, 1, max_len, act_dtype, device="meta", layout=kv_layout)
     out = []
     for name, t in cache.named_tensors().items():
         init = "neg_inf" if name.endswith("score_state") else "zeros"
         out.append({"name": name, "shape": [-1, *t.shape[1:]], "dtype": dtype_name(t.dtype), "init": init})
     return out
+
+
+def kv_layout_of(manifest: dict[str, Any]) -> str:
+    """The cache section's KV layout ("reference" when absent: engines built before production caches)."""
+    layout = manifest["cache"].get("kv_layout", "reference")
+    if layout not in LAYOUTS:
+        raise EngineError(f"manifest cache kv_layout {layout!r}; this v4compile reads {', '.join(LAYOUTS)}")
+    return layout
 
 
 def init_value(entry: dict[str, Any]) -> float:
