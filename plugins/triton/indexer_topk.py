@@ -526,8 +526,8 @@ _TARGETS = ("h100", "h200")
 register_kernel("v4::indexer_scores", _TARGETS, supports_indexer, priority=10,
                 name="v4triton::indexer_scores")(indexer_scores)
 register_kernel("v4::topk_select", _TARGETS, supports_topk, priority=10, name="v4triton::topk_select")(topk_select)
-# The fused form of indexer_scores -> topk_select, and both over the packed FP4 cache layout; the graph side
-# still has to declare v4::indexer_topk and a packed indexer cache (its ops read [B, N, Di] keys today).
+# The fused form of indexer_scores -> topk_select, and both over the packed FP4 cache layout. The graph declares
+# v4::indexer_scores_fp4 (production-layout caches, model/packed_ops.py); v4::indexer_topk(_fp4) not yet.
 register_kernel("v4::indexer_topk", _TARGETS, supports_indexer, priority=10,
                 name="v4triton::indexer_topk")(indexer_topk)
 register_kernel("v4::indexer_scores_fp4", _TARGETS, supports_indexer_fp4, priority=10,

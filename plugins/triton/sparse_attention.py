@@ -370,5 +370,21 @@ def supports_sparse_attention(q, kv, idx, kv2, idx2, sink, scale) -> bool:
             and idx.dtype == torch.int32 and idx2.dtype == torch.int32 and sink.dtype == torch.float32)
 
 
+def supports_sparse_attention_fp8(q, kv, kv_scale, idx, kv2, kv2_scale, idx2, sink, scale) -> bool:
+    """Capability of the FP8-layout kernel (v4::sparse_attention_fp8): CUDA, bf16 q, 64 RoPE dims (rows of
+    D - 64 e4m3 + 128 bf16 bytes, as at V4; the tiny presets' 32 RoPE dims fall back to the reference body),
+    the launcher's shape / dtype checks."""
+    if getattr(getattr(q, "device", None), "type", None) != "cuda":
+        return False
+    try:
+        _check_common(q, idx, idx2, sink)
+        _check_fp8_sources(q, kv, kv_scale, kv2, kv2_scale, q.shape[-1] - 64)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
 register_kernel("v4::sparse_attention", ("h100", "h200"), supports=supports_sparse_attention, priority=10,
                 name="v4triton::sparse_attention")(torch.ops.v4triton.sparse_attention.default)
+register_kernel("v4::sparse_attention_fp8", ("h100", "h200"), supports=supports_sparse_attention_fp8, priority=10,
+                name="v4triton::sparse_attention_fp8")(torch.ops.v4triton.sparse_attention_fp8.default)
