@@ -28,7 +28,8 @@ def attention_pattern(picks, packed: bool = False) -> P:
     packed: its production-layout form, sparse_attention_fp8 with the scale tensors beside the data."""
     window = P(aten.cat, [Any("ring"), Any("kv")], name="cat")
     if not packed:
-        return P(v4.sparse_attention, Any("q"), window, Any("window"), Any("kv_cache"), picks, Any("sink"), Any("scale"))
+        return P(v4.sparse_attention, Any("q"), window, Any("window"), Any("kv_cache"), picks, Any("sink"),
+                 Any("scale"))
     scales = P(aten.cat, [Any("ring_scale"), Any("kv_scale")], name="cat_scale")
     return P(v4.sparse_attention_fp8, Any("q"), window, scales, Any("window"), Any("kv_cache"), Any("kv_cache_scale"),
              picks, Any("sink"), Any("scale"))

@@ -49,7 +49,8 @@ def _csa_attention(m: Match) -> dict[str, fx.Node] | None:
     if idx is None or carg(main, "ratio") != CSA_RATIO or carg(idx, "ratio") != CSA_RATIO \
             or carg(main, "rotate") or not carg(idx, "rotate"):
         return None
-    if not same_value(carg(idx, "inv_freq"), carg(main, "inv_freq")) or carg(idx, "norm_eps") != carg(main, "norm_eps") \
+    if not same_value(carg(idx, "inv_freq"), carg(main, "inv_freq")) \
+            or carg(idx, "norm_eps") != carg(main, "norm_eps") \
             or strip_casts(carg(idx, "start_pos")) is not parts.start_pos:
         return None
     n = idx_cache.meta["val"].shape[1] - 1

@@ -40,7 +40,8 @@ def attention_args(fake, head_dim=FLASH.head_dim, rope=FLASH.rope_head_dim, q_dt
 def indexer_args(fake, q_dtype=torch.bfloat16, device="cuda"):
     Hi, Di, N = FLASH.index_n_heads, FLASH.index_head_dim, CTX // 4
     return (fake(B, T, Hi, Di, dtype=q_dtype, device=device), fake(B, T, Hi, dtype=torch.bfloat16, device=device),
-            fake(B, N, Di // 2, dtype=torch.uint8, device=device), fake(B, N, Di // 32, dtype=torch.uint8, device=device),
+            fake(B, N, Di // 2, dtype=torch.uint8, device=device),
+            fake(B, N, Di // 32, dtype=torch.uint8, device=device),
             fake(B, T, dtype=torch.int64, device=device), 4)
 
 

@@ -28,7 +28,8 @@ def test_manifest_records_the_production_layout(production_engine_dir, eager_bf1
     want = Cache.allocate(eager_bf16.cfg, 1, MAX_LEN, torch.bfloat16, "meta", "production").named_tensors()
     assert list(tensors) == list(want)
     for name, t in want.items():
-        assert tensors[name]["dtype"] == str(t.dtype).removeprefix("torch.") and tensors[name]["shape"] == [-1, *t.shape[1:]]
+        assert tensors[name]["dtype"] == str(t.dtype).removeprefix("torch.")
+        assert tensors[name]["shape"] == [-1, *t.shape[1:]]
     assert tensors["blocks.1.kv"]["dtype"] == tensors["blocks.1.idx_kv_scale"]["dtype"] == "uint8"
     assert {"v4::csa_attention_fp8", "v4::hca_attention_fp8", "v4::sparse_attention_fp8"} <= set(m["kernels"])
 

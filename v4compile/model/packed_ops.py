@@ -74,8 +74,8 @@ def sparse_attention_fp8(q: Tensor, kv: Tensor, kv_scale: Tensor, idx: Tensor, k
     kv2 / kv2_scale likewise (N2 = 0 allowed); picks, sink and result as v4::sparse_attention (rows decode
     exactly to q's dtype)."""
     D = q.shape[-1]
-    return BODIES["sparse_attention"](q, decode_kv(kv, kv_scale, D, q.dtype), idx, decode_kv(kv2, kv2_scale, D, q.dtype),
-                                      idx2, sink, scale)
+    rows, rows2 = decode_kv(kv, kv_scale, D, q.dtype), decode_kv(kv2, kv2_scale, D, q.dtype)
+    return BODIES["sparse_attention"](q, rows, idx, rows2, idx2, sink, scale)
 
 
 @sparse_attention_fp8.register_fake
