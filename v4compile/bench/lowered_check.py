@@ -1,7 +1,7 @@
 """GPU check of a registry target's lowering without AOTInductor: capture -> pipeline -> lower (Triton kernels
 from the registry, fused ops composed from them), then run the lowered programs eagerly next to the reference.
 
-    python -m v4compile.bench.lowered_check --preset tiny --target h200 --precision bf16 [--json OUT]
+    python -m v4compile.bench.lowered_check --preset tiny --target h200 --precision bf16 [--kv-layout L] [--json OUT]
 
 Prints which implementation every v4 op got and the logits calc_diff of prefill and of decode steps; for bf16 / fp8
 also each call's precision floor (the bf16 reference vs its float32 twin) and the program's distance to that twin,
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=77)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--kv-layout", choices=("production", "reference"),
+                    help="cache layout of the programs (default: the target's for the precision, as build does)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
 
@@ -39,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
 
     tgt = get_target(a.target)
     model = ReferenceModel(ModelConfig.preset(a.preset), dtype=tgt.act_dtype(a.precision), device=tgt.device).eval()
-    res: dict = {"preset": a.preset, "target": a.target, "precision": a.precision, "torch": torch.__version__}
+    layout = tgt.kv_layout(a.precision, a.kv_layout)
+    res: dict = {"preset": a.preset, "target": a.target, "precision": a.precision, "kv_layout": layout,
+                 "torch": torch.__version__}
     progs, t0 = {}, time.perf_counter()
     for entry in ("prefill", "decode"):
-        g = run_pipeline(capture(model, entry, max_len=a.max_len), precision=a.precision)
-        ex = example_inputs(model, entry, 2, 37, a.max_len)
+        g = run_pipeline(capture(model, entry, max_len=a.max_len, kv_layout=layout), precision=a.precision)
+        ex = example_inputs(model, entry, 2, 37, a.max_len, layout)
         lo = lower(g, tgt, ex, 4)
         progs[entry] = lo.program.module()
         res[f"kernels_{entry}"] = lo.kernels
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     B = 2
     prompt = torch.randint(0, model.cfg.vocab_size, (B, a.prompt), generator=gen).to(tgt.device)
     cache = model.new_cache(B, a.max_len)
-    caches = list(model.new_cache(B, a.max_len).named_tensors().values())  # the engine's own, fresh
+    caches = list(model.new_cache(B, a.max_len, layout).named_tensors().values())  # the engine's own, fresh
     # bf16 / fp8: the float32 twin of the reference gives each call's precision floor, as in the build's check
     twin = fp32_twin(model) if model.act_dtype != torch.float32 else None
     twin_cache = twin.new_cache(B, a.max_len) if twin is not None else None
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{entry} kernels:")
         for op, impl in sorted(res[f"kernels_{entry}"].items()):
             print(f"  {op:28s} {impl}")
-    print(f"lowering both entry points: {res['lower_seconds']} s")
+    print(f"lowering both entry points ({layout} KV layout): {res['lower_seconds']} s")
     print(f"{'call':10s} {'tokens':>6s} {'calc_diff':>10s} {'floor':>9s} {'vs fp32':>9s} argmax ok")
     for r in rows:
         fl = f"{r['floor']:9.2e} {r['vs_fp32']:9.2e}" if "floor" in r else f"{'-':>9s} {'-':>9s}"
