@@ -35,6 +35,7 @@ class Target:
     notes: str = ""
     ops: tuple[str, ...] = field(default=())  # ops the kernel registry is asked about (registry policy)
     kv_layouts: tuple[str, ...] = ("reference",)  # cache layouts its engines can use (model/cache.py)
+    default_kv_layout: str = "reference"  # what bf16 / fp8 builds get without --kv-layout (fp32: reference)
 
     def check_precision(self, precision: str) -> None:
         if precision not in PRECISIONS:
@@ -55,12 +56,12 @@ class Target:
         return max_batch, max_len
 
     def kv_layout(self, precision: str, requested: str | None = None) -> str:
-        """The cache layout of an engine at `precision`: `requested`, else "production" (V4-SPEC 6.2) where this
-        target has it and the activations are bf16 (its RoPE dims are stored bf16), else "reference". A
-        production request that cannot be honoured is a TargetError (target) or ConfigError (precision)."""
+        """The cache layout of an engine at `precision`: `requested`, else the target's default_kv_layout where the
+        activations are bf16 (the production layout, V4-SPEC 6.2, stores the RoPE dims as bf16), else "reference".
+        A production request that cannot be honoured is a TargetError (target) or ConfigError (precision)."""
         bf16 = self.act_dtype(precision) == torch.bfloat16
         if requested is None:
-            return "production" if bf16 and "production" in self.kv_layouts else "reference"
+            return self.default_kv_layout if bf16 else "reference"
         elif requested not in KV_LAYOUTS:
             raise InputError(f"KV cache layout {requested!r}; expected one of {', '.join(KV_LAYOUTS)}")
         elif requested not in self.kv_layouts:
