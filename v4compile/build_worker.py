@@ -132,10 +132,13 @@ def _run_workers(source: Any, model: Any, job: EntryJob, entries: tuple[str, ...
             rc = p.wait()
             done = work / "result.json"
             if rc != 0 or not done.exists():
-                lines = (work / "worker.log").read_text(errors="replace").strip().splitlines()
+                text = (work / "worker.log").read_text(errors="replace")
+                lines = text.strip().splitlines()
                 log.debug("%s worker log (last 40 lines):\n%s", entry, "\n".join(lines[-40:]))
                 last = next((line.strip() for line in reversed(lines) if line.strip()), f"exit code {rc}")
-                raise ExportError(f"building the {entry} entry point failed (worker exit {rc}): {last[:400]}")
+                kept = _keep_log(entry, text)
+                raise ExportError(f"building the {entry} entry point failed (worker exit {rc}): {last[:400]} "
+                                  f"(the worker's full log, traceback included: {kept})")
             results[entry] = json.loads(done.read_text())
             results[entry]["weights"] = read_weights(work, results[entry]["weights"], torch.device("cpu"))[entry]
         return results
@@ -144,6 +147,15 @@ def _run_workers(source: Any, model: Any, job: EntryJob, entries: tuple[str, ...
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def _keep_log(entry: str, text: str) -> str:
+    """Save a failed worker's log outside the scratch directory (removed with the build) and return its path: an
+    error's last line (e.g. Inductor's bare "AssertionError:") rarely says where it came from."""
+    fd, path = tempfile.mkstemp(prefix=f"v4compile-{entry}-worker-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 def _work(work: Path) -> None:

@@ -3,6 +3,8 @@ stops the others; the parent's weights reach workers that cannot rebuild the mod
 The success path is the session engine of tests/runtime/conftest.py (prefill + trace built in parallel)."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +43,13 @@ def test_source_spec(tmp_path):
 def test_failing_worker_names_entry_and_error(tmp_path):
     model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.float32).eval()
     job = EntryJob("cpu", "fp64", max_len=32, max_batch=2, allow_lossy_repack=False)  # no such precision
-    with pytest.raises(ExportError, match=r"building the (prefill|trace) entry point failed .*fp64"):
+    with pytest.raises(ExportError, match=r"building the (prefill|trace) entry point failed .*fp64") as err:
         _run_workers(model, model, job, ("prefill", "trace"), tmp_path)
+    kept = Path(re.search(r"traceback included: (\S+)\)", str(err.value)).group(1))
+    try:  # the worker's whole log outlives the scratch directory: the traceback behind a bare last line
+        assert "Traceback" in kept.read_text() and not kept.is_relative_to(tmp_path)
+    finally:
+        kept.unlink()
     logs = sorted(p.parent.name for p in tmp_path.glob("*/worker.log"))
     assert logs == ["prefill", "trace"]  # both workers started, from the saved weights
     assert (tmp_path / "model.pt").exists()
