@@ -133,3 +133,12 @@ def test_engines_without_kv_layout_are_reference_and_unknown_layouts_are_refused
     (old / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(EngineError, match="kv_layout 'fp4'"):
         load_engine(old)
+
+
+def test_lowered_check_refuses_an_engine_of_another_build(production_engine_dir):
+    """bench.lowered_check --engine compares an engine with the lowered program of the same preset / target /
+    precision / KV layout only, and says so before the (slow) lowering."""
+    from v4compile.bench.lowered_check import main
+
+    with pytest.raises(SystemExit, match=r"built for .*'precision': 'bf16'.* this check runs .*'precision': 'fp32'"):
+        main(["--preset", "tiny", "--target", "cpu", "--precision", "fp32", "--engine", str(production_engine_dir)])
