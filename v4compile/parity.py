@@ -166,7 +166,7 @@ class ParityReport:
         return t
 
     def plot(self, path: str | Path) -> Path:
-        """PNG of per-layer error (hidden-state calc_diff and max rel err; indexer / expert agreement)."""
+        """PNG of per-layer error (hidden-state calc_diff, max rel err, local calc_diff; indexer / expert agreement)."""
         try:
             import matplotlib
 
@@ -178,8 +178,10 @@ class ParityReport:
             raise InputError("no per-layer data to plot: the engine has no trace program (build with --trace)")
         layers = sorted(self.per_layer)
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        for key, label in (("hidden_calc_diff", "hidden calc_diff"), ("hidden_max_rel_err", "hidden max rel err")):
-            ax1.plot(layers, [max(self.per_layer[i][key], 1e-18) for i in layers], marker="o", label=label)
+        for key, label in (("hidden_calc_diff", "hidden calc_diff"), ("hidden_max_rel_err", "hidden max rel err"),
+                           ("hidden_local_calc_diff", "local calc_diff (teacher-forced)")):
+            pts = [(i, self.per_layer[i][key]) for i in layers if key in self.per_layer[i]]
+            ax1.plot([p[0] for p in pts], [max(p[1], 1e-18) for p in pts], marker="o", label=label)
         ax1.axhline(TOLERANCES["model_hidden"][self.precision], color="red", ls="--", label="calc_diff bound")
         ax1.set_yscale("log")
         ax1.set_xlabel("layer")

@@ -7,7 +7,9 @@ through the decode program. Greedy policy: both sides decode the SAME agreed tok
 first divergence the run STOPS (continuing each side on its own tokens compares different contexts) and the
 divergence is accepted when each side's token is in the other side's top-5. With a "trace" program in the
 engine (`build --trace`), per layer: hidden-state calc_diff / max rel err, indexer top-k overlap (CSA
-layers), expert-selection agreement (MoE layers, every layer).
+layers), expert-selection agreement (MoE layers, every layer), and the local error of each layer and of the head
+(the reference's layer run on the engine's own input streams, ReferenceModel.teacher_forced): the whole stack's
+error compounds through discrete choices in a random model, the local one shows which layer adds it.
 """
 
 from __future__ import annotations
@@ -109,6 +111,8 @@ class _Acc:
         self.top1 = [0, 0]
         self.decode_calc: list[float] = []
         self.hidden: dict[int, list[tuple[float, float]]] = {}
+        self.local_err: dict[int, list[float]] = {}
+        self.head_local: list[float] = []
         self.overlap: dict[str, dict[int, list[Tensor]]] = {"indexer": {}, "experts": {}}
 
     def logits(self, eng: Tensor, ref: Tensor) -> None:
@@ -130,6 +134,13 @@ class _Acc:
         for kind in ("indexer", "experts"):
             for i, r in ref.get(kind, {}).items():
                 self.overlap[kind].setdefault(i, []).append(set_overlap(r.cpu(), eng[kind][i].cpu()))
+
+    def local(self, model: ReferenceModel, tokens: Tensor, eng: dict[str, Any]) -> None:
+        """Teacher-forced per-layer error: each reference layer on the engine's input streams of that layer."""
+        outs, head = model.teacher_forced(tokens, eng["hidden"])
+        for i, r in outs.items():
+            self.local_err.setdefault(i, []).append(calc_diff(eng["hidden"][i].float().cpu(), r.float().cpu()))
+        self.head_local.append(calc_diff(eng["logits"].float().cpu(), head.float().cpu()))
 
 
 @torch.no_grad()
@@ -181,7 +192,9 @@ def validate(engine: Engine | str | os.PathLike, reference: Any = None, prompts:
             report.greedy.append({"prompt_len": len(p), **_greedy(model, cache, eng, session, len(p), ref[0, -1],
                                                                   got[0, -1], steps, acc)})
             if has_trace:
-                acc.layers(eng.trace(tok), trace)
+                traced = eng.trace(tok)
+                acc.layers(traced, trace)
+                acc.local(model, tok, traced)
             advance()
     _fill(report, acc, eng.cfg, precision)
     if not has_trace:
@@ -233,6 +246,12 @@ def _fill(report: ParityReport, acc: _Acc, cfg: ModelConfig, precision: str) -> 
         layer["hidden_max_rel_err"] = max(r for _, r in acc.hidden[i])
         add(bounded("hidden.calc_diff", layer["hidden_calc_diff"], "model_hidden", precision, i))
         add(bounded("hidden.max_rel_err", layer["hidden_max_rel_err"], None, precision, i))
+    for i in sorted(acc.local_err):
+        layer = report.per_layer.setdefault(i, {"kind": cfg.layer_kind(i)})
+        layer["hidden_local_calc_diff"] = max(acc.local_err[i])
+        add(bounded("hidden.local_calc_diff", layer["hidden_local_calc_diff"], "model_hidden_local", precision, i))
+    if acc.head_local:
+        add(bounded("head.local_calc_diff", max(acc.head_local), "model_hidden_local", precision))
     for kind, name, key in (("indexer", "indexer_overlap", "model_indexer_overlap"),
                             ("experts", "expert_agreement", "model_expert_agreement")):
         for i, parts in sorted(acc.overlap[kind].items()):

@@ -28,6 +28,12 @@ TOLERANCES: dict[str, dict[str, float | None]] = {  # None: reported, not gated
     "model_kl_max": {"fp32": 1e-5, "bf16": None, "fp8": None},  # KL(ref || engine), worst position
     "model_top1": {"fp32": 1.0, "bf16": 0.7, "fp8": 0.7},  # share of positions with the same argmax (minimum)
     "model_hidden": {"fp32": 1e-5, "bf16": 1e-2, "fp8": 1e-2},  # calc_diff of each layer's mHC streams
+    # the error each layer adds by itself: layer i of the reference run on the engine's streams of layer i - 1
+    # (ReferenceModel.teacher_forced) vs the engine's layer i. Does not compound, so it holds for chaotic random
+    # models too: tiny bf16 vs its float32 twin 2.2e-4..1.6e-3 per layer, <= 3.6e-6 for the head on the parity
+    # prompts (`python -m v4compile.bench.precision_floor --preset tiny --local`), while the whole stack's hidden
+    # error reaches 2.2e-2 and its logits 2.3e-2.
+    "model_hidden_local": {"fp32": 1e-5, "bf16": 1e-2, "fp8": 1e-2},
     "model_indexer_overlap": {"fp32": 0.99, "bf16": 0.8, "fp8": 0.8},  # mean top-k set overlap per CSA layer (min)
     "model_expert_agreement": {"fp32": 0.99, "bf16": 0.8, "fp8": 0.8},  # mean expert-set overlap per MoE layer (min)
     # MoE block, BF16 experts quantised to e4m3 (+ FP8 activations) vs the BF16-expert block: 2.2e-3 measured on tiny

@@ -180,3 +180,24 @@ def test_unquantised_variant_holds_the_dequantised_weights():
             assert torch.equal(f[key], dequant_fp4_block(w, q[key.removesuffix(".weight") + ".scale"])), key
         elif not key.endswith(".scale"):
             assert torch.equal(f[key], w), key
+
+
+def test_teacher_forced_layers_on_their_own_streams_reproduce_the_run(tiny):
+    """teacher_forced(tokens, trace["hidden"]) re-runs every layer on the run's own input streams: the same
+    streams and logits; a perturbed layer shows up in its own local error only (the base of validate's local
+    metric), a missing layer is a typed error."""
+    tok = torch.randint(0, tiny.cfg.vocab_size, (1, 41), generator=torch.Generator().manual_seed(3))
+    trace: dict = {}
+    with torch.no_grad():
+        logits = tiny(tok, 0, trace=trace)
+    outs, head = tiny.teacher_forced(tok, trace["hidden"])
+    assert sorted(outs) == list(range(tiny.cfg.n_layers))
+    for i, h in trace["hidden"].items():
+        assert torch.equal(outs[i], h), i
+    assert torch.equal(head, logits)
+    bent = dict(trace["hidden"])
+    bent[1] = bent[1] * 1.01  # layer 1's output off by 1 %: layer 2 gets it, layers 0 / 1 / 3 do not move
+    outs2, _ = tiny.teacher_forced(tok, bent)
+    assert all(torch.equal(outs2[i], outs[i]) for i in (0, 1, 3)) and not torch.equal(outs2[2], outs[2])
+    with pytest.raises(InputError, match=r"layer\(s\) \[2\] missing"):
+        tiny.teacher_forced(tok, {i: h for i, h in trace["hidden"].items() if i != 2})

@@ -58,8 +58,12 @@ def test_validate_passes_on_the_correct_engine(engine_dir, tmp_path):
     assert [e["layer"] for e in d["per_layer"]] == [0, 1, 2, 3]
     for e in d["per_layer"]:
         assert e["hidden_calc_diff"] < 1e-10 and e["expert_agreement"] == 1.0
+        assert e["hidden_local_calc_diff"] < 1e-10  # each layer on the engine's own streams
         assert ("indexer_overlap" in e) == (e["kind"] == "csa")
         assert e.get("indexer_overlap", 1.0) == 1.0
+    local = {m["layer"]: m for m in d["metrics"] if m["name"] == "hidden.local_calc_diff"}
+    assert sorted(local) == [0, 1, 2, 3] and all(m["ok"] for m in local.values())
+    assert [m["value"] < 1e-10 for m in d["metrics"] if m["name"] == "head.local_calc_diff"] == [True]
     names = {m["name"] for m in d["metrics"]}
     assert {"logits.calc_diff", "logits.max_rel_err", "logits.kl_mean", "logits.kl_max", "logits.top1_agreement",
             "greedy.top5_violations", "decode.logits_calc_diff", "hidden.calc_diff", "indexer.overlap",

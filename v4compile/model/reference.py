@@ -140,6 +140,31 @@ class ReferenceModel(nn.Module):
         logits = self._logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
         return (logits, x) if return_hidden else logits
 
+    @torch.no_grad()
+    def teacher_forced(self, tokens: Tensor, hidden: dict[int, Tensor]) -> tuple[dict[int, Tensor], Tensor]:
+        """Each layer on another run's streams: layer i gets `hidden[i - 1]` (layer 0 the embedding of `tokens`),
+        a prefill from position 0 on a fresh cache -> ({i: layer i's streams [B, T, hc, d]}, logits f32 of the
+        head on hidden[last]). Compared with that run's own hidden[i] / logits this is the error each layer adds
+        by itself (validate's "local" metrics): unlike the error of the whole stack it does not compound through
+        the later layers' discrete choices (top-k picks, routing) and FP8 activation codes."""
+        n = len(self.layers)
+        missing = [i for i in range(n) if i not in hidden]
+        if missing:
+            raise InputError(f"teacher_forced: hidden streams of layer(s) {missing} missing")
+        tokens, sp, cache = self._prepare(tokens, 0, None)
+        B, T = tokens.shape
+        positions = positions_of(sp, T)
+        out = {}
+        for i, layer in enumerate(self.layers):
+            x = (self.embed(tokens, self.act_dtype).unsqueeze(2).repeat(1, 1, self.cfg.hc_mult, 1) if i == 0
+                 else hidden[i - 1].to(self.device, self.act_dtype))
+            if x.shape != (B, T, self.cfg.hc_mult, self.cfg.dim):
+                raise InputError(f"teacher_forced: layer {i - 1} streams {list(x.shape)}; expected "
+                                 f"{[B, T, self.cfg.hc_mult, self.cfg.dim]}")
+            out[i] = layer(x, tokens, positions, sp, cache.layers[i], None)
+        last = hidden[n - 1].to(self.device, self.act_dtype)
+        return out, self._logits(last, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)
+
     def forward_hidden(self, tokens: Tensor, start_pos: int | Tensor = 0, cache: Cache | None = None,
                        trace: dict | None = None) -> tuple[Tensor, Tensor]:
         """(logits [B, T, V], final mHC streams [B, T, hc, d]) - the streams feed `mtp`."""
