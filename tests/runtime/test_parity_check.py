@@ -11,6 +11,7 @@ class EagerEngine:
     """Engine interface over the eager model, optionally adding noise to the prefill logits."""
 
     max_len, max_batch = 16, 2
+    manifest = {"entry_points": {"prefill": {}, "decode": {}}}
 
     def __init__(self, model, noise: float) -> None:
         self.model, self.noise = model, noise
@@ -64,6 +65,47 @@ def test_bf16_model_noisier_than_the_bound_is_judged_by_its_precision_floor():
     floor = max(exact["precision_floor"])
     with pytest.raises(ParityError, match="vs the float32 twin: engine .* bf16 reference .* \\(margin 2.0x\\)"):
         check_parity(model, TwinEngine(model, twin, 3.0 * floor**0.5), "bf16")  # calc_diff ~ 9 floor / 2
+
+
+class TracingEngine(EagerEngine):
+    """Prefill logits far from eager (noise), and a trace program whose streams are the eager model's own, with
+    noise of 0.3 std added to layer `bent`'s output (None: untouched): what the per-layer local judgement sees."""
+
+    max_len = 64
+    manifest = {"entry_points": {"prefill": {}, "decode": {}, "trace": {}}}
+
+    def __init__(self, model, noise: float, bent: int | None) -> None:
+        super().__init__(model, noise)
+        self.bent = bent
+
+    def trace(self, tokens):
+        tr: dict = {}
+        logits = self.model(tokens, 0, self.model.new_cache(tokens.shape[0], self.max_len), trace=tr)
+        g = torch.Generator().manual_seed(1)
+        hidden = {i: h + 0.3 * h.float().std() * torch.randn(h.shape, generator=g) if i == self.bent else h
+                  for i, h in tr["hidden"].items()}
+        return {"logits": logits, "hidden": hidden}
+
+
+def test_noisy_model_beyond_its_floor_is_judged_layer_by_layer_with_a_trace_program():
+    """Past the bound and the floor rule, a model noisier than the bound under bf16 alone is judged by the local
+    (teacher-forced) error of each layer and of the head when the engine has a trace program; a layer that
+    computes something else fails, naming the layer; without a trace program the error says to build with one."""
+    from v4compile.model.config import ModelConfig
+    from v4compile.model.reference import ReferenceModel
+
+    model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.bfloat16).eval()
+    noise = 0.5  # logits calc_diff ~ 0.1: beyond the bound and 2x the floor
+    ok = check_parity(model, TracingEngine(model, noise, None), "bf16")
+    assert ok["ok"] and ok["judged_by"] == "local per layer", ok
+    assert sorted(ok["local_calc_diff"]) == ["0", "1", "2", "3"] and max(ok["local_calc_diff"].values()) == 0.0
+    assert ok["head_local_calc_diff"] == 0.0 and ok["local_tolerance"] == 1e-2
+    with pytest.raises(ParityError, match=r"teacher-forced per layer \(bound 1e-02\): layers over it 1 "):
+        check_parity(model, TracingEngine(model, noise, 1), "bf16")
+    untraced = TracingEngine(model, noise, None)
+    untraced.manifest = EagerEngine.manifest
+    with pytest.raises(ParityError, match="build with --trace"):
+        check_parity(model, untraced, "bf16")
 
 
 def test_precision_floor_command(tmp_path):
