@@ -33,6 +33,12 @@ EXTERNAL_WEIGHTS = {"aot_inductor.package_constants_in_so": False,
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 """Round fused intermediates to their dtype as eager does: bf16 values feed FP8 / FP4 fake-quantisation, where
 keeping extra precision flips rounding decisions (measured on tiny bf16 without it: logits calc_diff 1.1e-2)."""
+if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis"):
+    INDUCTOR_OPTIONS["triton.coalesce_tiling_analysis"] = False
+    # GPU codegen only. torch 2.11's coalescing analysis (tiling_utils.get_pw_red_splits) asserts on a fused node
+    # of the production-layout tiny prefill (KV rows decoded from uint8 inside a reduction): the bare
+    # "InductorError: AssertionError:" of session 6, traceback read in session 7 (docs/perf/engines.md). It only
+    # picks tile shapes; without it Inductor tiles as torch < 2.8 did.
 
 
 @contextlib.contextmanager
