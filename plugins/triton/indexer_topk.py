@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from v4compile.plugins.registry import register_kernel
-from v4compile.plugins.triton.launch import launcher
+from v4compile.plugins.triton.launch import launcher, unused_arg
 from v4compile.plugins.triton.radix_topk import (NB, TOPK_CONFIGS, WS_INTS, TopkConfig, _key, launch_select,
                                                  new_workspace, pick_topk_config, workspace_ints_per_row)
 
@@ -348,7 +348,7 @@ def _launch_scores(q, w, kc, ks, pos, ratio, scores, ws, t_lo: int, t_hi: int, w
     chunks = torch.sym_max(1, torch.sym_min(n_tiles, triton.cdiv(2 * _sm_count(q.device), row_blocks)))
     tiles = torch.sym_max(1, triton.cdiv(n_tiles, chunks))
     grid = (row_blocks, torch.sym_max(1, triton.cdiv(n_tiles, tiles)))
-    ws_arg = scores if ws is None else ws
+    ws_arg = unused_arg(q.device) if ws is None else ws  # never `scores` itself (launch._check_distinct)
     common = dict(HI=Hi, DI=Di, BT=cfg.bt, BLOCK_N=cfg.block_n, HIST=hist, WRITE_MASKED=write_masked,
                   ZERO_WS=zero_ws, DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32", NUM_STAGES=cfg.num_stages,
                   num_warps=cfg.num_warps)

@@ -24,11 +24,33 @@ class _Launch:
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
+            _check_distinct(self.kernel, args)
             if _tracing(self.tensors + args + tuple(kwargs.values())):
                 return torch.library.wrap_triton(self.kernel)[grid](*args, **kwargs)
             return self.kernel[grid](*args, **kwargs)
 
         return run
+
+
+def _check_distinct(kernel, args: tuple[Any, ...]) -> None:
+    """One tensor object passed as two pointer arguments is refused, in eager calls too (where it would work):
+    traced through `wrap_triton`, functionalisation treats each argument the kernel may store to as its own
+    buffer, so one of the two becomes a copy and the other's stores are lost. Found in session 7: the indexer
+    score kernel got `scores` as its unused workspace too, and its AOTInductor-compiled scores were garbage
+    (calc_diff 1.0 vs the eager launch) while eager launches were exact."""
+    seen: dict[int, int] = {}
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor):
+            j = seen.setdefault(id(a), i)
+            if j != i:
+                name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+                raise ValueError(f"{name}: arguments {j} and {i} are the same tensor; pass a distinct (dummy) "
+                                 "tensor for an argument the kernel does not use (see plugins/triton/launch.py)")
+
+
+def unused_arg(device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A one-element tensor for a pointer argument that a kernel's constexpr flags leave unused."""
+    return torch.empty(1, dtype=dtype, device=device)
 
 
 def launcher(kernel, *tensors: torch.Tensor) -> _Launch:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from v4compile.plugins.triton.launch import launcher
+from v4compile.plugins.triton.launch import launcher, unused_arg
 
 
 @dataclass(frozen=True)
@@ -224,19 +224,21 @@ def moe_route_launch(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor, 
     k_per_split = triton.cdiv(triton.cdiv(D, cfg.block_k), n_split) * cfg.block_k
     n_split = triton.cdiv(D, k_per_split)
     has_bias = bias.numel() > 0 and not use_hash
-    tid = tid2eid if use_hash else ids  # unused pointer when not hashing
-    tok = token_ids if use_hash else ids
+    # pointers the constexpr flags leave unused get their own dummies, never an output (launch._check_distinct)
+    tid = tid2eid if use_hash else unused_arg(x.device, torch.int64)
+    tok = token_ids if use_hash else unused_arg(x.device, torch.int64)
+    bias_arg = bias if has_bias else unused_arg(x.device, torch.float32)
     stride_tid = tid2eid.stride(0) if use_hash else 0
     part = torch.empty((n_split, N, be) if n_split > 1 else (1,), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(N, cfg.block_m), n_split)
     launcher(_router_kernel)[grid](
-        x, gate_w, bias if has_bias else weights, tid, tok, part, weights, ids,
+        x, gate_w, bias_arg, tid, tok, part, weights, ids,
         N, E, D, k_per_split, float(route_scale), x.stride(0), gate_w.stride(0), stride_tid,
         BM=cfg.block_m, BE=be, BK=cfg.block_k, TOPK=topk, KP=kp, SPLIT=n_split, HASH=use_hash,
         HAS_BIAS=has_bias, FP32_DOT=fp32_dot, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if n_split > 1:
         launcher(_router_reduce_kernel)[(N,)](
-            part, bias if has_bias else weights, tid, tok, weights, ids, N, E, float(route_scale), stride_tid,
+            part, bias_arg, tid, tok, weights, ids, N, E, float(route_scale), stride_tid,
             BE=be, TOPK=topk, KP=kp, SPLIT=n_split, SPLIT_P=triton.next_power_of_2(n_split), HASH=use_hash,
             HAS_BIAS=has_bias, num_warps=4)
     return weights, ids

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from v4compile.plugins.triton.launch import launcher
+from v4compile.plugins.triton.launch import launcher, unused_arg
 
 NB = tl.constexpr(256)  # bins per digit
 WS_INTS = tl.constexpr(1024)  # int32 per row: hist1 | hist2 | hist3 (256 each) | count @768 | arrivals @769
@@ -367,7 +367,7 @@ def launch_select(scores, R, N, k: int, out, workspace, hist1_done: bool, pos=No
     check_topk_config(cfg)
     ws, runs, cand = workspace
     has_pos = pos is not None
-    pos_arg = pos if has_pos else scores
+    pos_arg = pos if has_pos else unused_arg(scores.device, torch.int64)  # never `scores` (launch.py)
     sp_b, sp_t = (pos.stride(0), pos.stride(1)) if has_pos else (0, 0)
     n_chunks = torch.sym_max(1, torch.sym_min(torch.sym_min(triton.cdiv(N, cfg.block), MAX_CHUNKS.value),
                                                triton.cdiv(2 * _sm_count(scores.device), R)))

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from v4compile.plugins.registry import register_kernel
-from v4compile.plugins.triton.launch import launcher
+from v4compile.plugins.triton.launch import launcher, unused_arg
 
 LOG2E = 1.4426950408889634
 
@@ -278,6 +278,13 @@ def _check_fp8_sources(q, kv, sc, kv2, sc2, nope: int) -> None:
             raise ValueError(f"sparse_attention_fp8: {name} data row stride must be even (bf16 RoPE), got {d.stride(1)}")
 
 
+def _no_source(kv: torch.Tensor, sc: torch.Tensor) -> tuple:
+    """(kv, scales, idx, K, N) of an absent KV source: one-row dummies the kernel never reads (K = N = 0)."""
+    dev = kv.device
+    return (unused_arg(dev, kv.dtype).view(1, 1, 1), unused_arg(dev, sc.dtype).view(1, 1, 1),
+            unused_arg(dev, torch.int32).view(1, 1, 1), 0, 0)
+
+
 def _launch(q, kv, sc, idx, kv2, sc2, idx2, sink, scale, fp8: bool, nope: int, config: AttnConfig | None,
             num_splits: int | None, out: torch.Tensor | None) -> torch.Tensor:
     B, T, H, D = q.shape
@@ -288,10 +295,14 @@ def _launch(q, kv, sc, idx, kv2, sc2, idx2, sink, scale, fp8: bool, nope: int, c
         raise ValueError(f"sparse_attention: out must be {q.dtype} {tuple(q.shape)} with unit last stride")
     if q.numel() == 0:
         return out
+    # Pointers a launch does not dereference are distinct dummies of the right rank, never another argument
+    # (launch._check_distinct): the bf16 path's scale rows, a missing second source, unsplit partials.
+    if not fp8:
+        sc, sc2 = unused_arg(q.device, torch.uint8).view(1, 1, 1), unused_arg(q.device, torch.uint8).view(1, 1, 1)
     if kv2.numel() == 0 or idx2.numel() == 0:  # no second source: never dereferenced (K2 = 0 or all masked)
-        kv2, sc2, idx2, K2, N2 = kv, sc, idx, 0, 0
+        kv2, sc2, idx2, K2, N2 = _no_source(kv, sc)
     if kv.numel() == 0 or idx.numel() == 0:
-        kv, sc, idx, K, N = kv2, sc2, idx2, 0, 0
+        kv, sc, idx, K, N = _no_source(kv2, sc2)
     cfg = config or pick_config(D, q.device, fp8)
     block_h = min(64, _pow2(H, 16))
     block_d = _pow2(D, 16)
@@ -305,8 +316,8 @@ def _launch(q, kv, sc, idx, kv2, sc2, idx2, sink, scale, fp8: bool, nope: int, c
     if splits > 1:
         part_acc = torch.empty((B * T, splits, H, D), device=q.device, dtype=torch.float32)
         part_ml = torch.empty((B * T, splits, H, 2), device=q.device, dtype=torch.float32)
-    else:
-        part_acc = part_ml = out  # unused by the kernel when SPLIT is False
+    else:  # unused by the kernel when SPLIT is False
+        part_acc, part_ml = unused_arg(q.device, torch.float32), unused_arg(q.device, torch.float32)
     launcher(_sparse_attn_kernel, q)[(B * T, n_hb, splits)](
         q, kv, sc, idx, kv2, sc2, idx2, sink, out, part_acc, part_ml,
         T, H, D, N, N2, K, K2, per_split, float(scale) * LOG2E, LOG2E,
