@@ -35,9 +35,9 @@ class _Launch:
 def _check_distinct(kernel, args: tuple[Any, ...]) -> None:
     """One tensor object passed as two pointer arguments is refused, in eager calls too (where it would work):
     traced through `wrap_triton`, functionalisation treats each argument the kernel may store to as its own
-    buffer, so one of the two becomes a copy and the other's stores are lost. Found in session 7: the indexer
-    score kernel got `scores` as its unused workspace too, and its AOTInductor-compiled scores were garbage
-    (calc_diff 1.0 vs the eager launch) while eager launches were exact."""
+    buffer, so one of the two becomes a copy and the other's stores can be lost. Session 7: the indexer score
+    kernel got `scores` as its unused workspace too, and its AOTInductor-compiled scores were garbage (calc_diff
+    1.0 vs the eager launch) while eager launches were exact (docs/perf/engines.md)."""
     seen: dict[int, int] = {}
     for i, a in enumerate(args):
         if isinstance(a, torch.Tensor):
