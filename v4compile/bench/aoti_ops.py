@@ -2,15 +2,17 @@
 arguments: the check that separates "a kernel is wrong" from "AOTInductor runs a kernel wrongly".
 
     python -m v4compile.bench.aoti_ops [--cases chain:0,indexer_scores:0,topk_select:0,compress:1] \
-        [--namespace v4triton] [--json OUT]
+        [--namespace v4triton] [--kv-layout reference|production] [--json OUT]
 
 Each case records the arguments of the op's `index`-th call in two eager runs of the seeded tiny model (bf16,
 on the GPU when there is one): batch 2 x 37 tokens (what the build traces with) and batch 1 x 128 tokens (the
 parity prompt). It exports `torch.ops.<namespace>.<op>` alone with every tensor dim Dim.AUTO from the first,
 AOTInductor-compiles it, runs it on both and compares outputs and mutated inputs with the eager launch (float
 calc_diff, index sets row by row). Case `chain:i` is CSA layer i's indexer path as the fused csa_attention body
-runs it: compress(indexer keys) -> indexer_scores(cache[:, :-1]) -> topk_select. Each case runs in its own
-process (AOTInductor compiles in parallel); `--namespace v4` checks the harness itself on the reference ops.
+runs it: compress(indexer keys) -> indexer_scores(cache[:, :-1]) -> topk_select. With `--kv-layout production`
+the model runs on production-layout caches, whose ops (indexer_scores_fp4:0, compress_packed:1, ...) can be
+cases. Each case runs in its own process (AOTInductor compiles in parallel); `--namespace v4` checks the harness
+itself on the reference ops.
 
 Session 7, H100, before the fix of plugins/triton/launch.py: chain:0 scores calc_diff 1.0 and the -inf pattern
 different at both shapes (the score kernel got `scores` again as its unused workspace pointer).
@@ -34,7 +36,7 @@ def _clone(args: tuple) -> tuple:
     return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-def record_calls(ops: tuple[str, ...], device: str) -> dict[tuple[str, str], list[tuple]]:
+def record_calls(ops: tuple[str, ...], device: str, layout: str = "reference") -> dict[tuple[str, str], list[tuple]]:
     """{("ex" | "run", op): [args of each call]} from the two eager runs (module doc)."""
     from v4compile.model import ops as v4ops
     from v4compile.model.config import ModelConfig
@@ -56,20 +58,22 @@ def record_calls(ops: tuple[str, ...], device: str) -> dict[tuple[str, str], lis
     try:
         g = torch.Generator().manual_seed(1234)
         with torch.no_grad():
-            m(torch.randint(0, m.cfg.vocab_size, (2, 37), generator=g).to(device), 0, m.new_cache(2, 256))
+            m(torch.randint(0, m.cfg.vocab_size, (2, 37), generator=g).to(device), 0, m.new_cache(2, 256, layout))
             tag[0] = "run"
-            m(torch.randint(0, m.cfg.vocab_size, (1, 128), generator=g).to(device), 0, m.new_cache(1, 256))
+            m(torch.randint(0, m.cfg.vocab_size, (1, 128), generator=g).to(device), 0, m.new_cache(1, 256, layout))
     finally:
         v4ops.BODIES.update(saved)
     return calls
 
 
-def _case(op: str, index: int, namespace: str, device: str) -> tuple:
+def _case(op: str, index: int, namespace: str, device: str, layout: str) -> tuple:
     """(fn, example args, run args) of one case."""
     ns = getattr(torch.ops, namespace)
     if op != "chain":
-        calls = record_calls((op,), device)
+        calls = record_calls((op,), device, layout)
         return getattr(ns, op), calls[("ex", op)][index], calls[("run", op)][index]
+    if layout != "reference":
+        raise SystemExit("case chain: reference KV layout only (compress -> indexer_scores -> topk_select)")
     calls = record_calls(("compress", "indexer_scores", "topk_select"), device)
 
     def pack(tag: str) -> tuple:
@@ -108,7 +112,7 @@ def _compare(got, want, a_got: tuple, a_want: tuple, tensor_pos: list[int]) -> d
     return out
 
 
-def run_case(spec: str, namespace: str) -> dict:
+def run_case(spec: str, namespace: str, layout: str = "reference") -> dict:
     from torch.export import Dim
 
     from v4compile.runtime.engine import _share_libstdcxx
@@ -118,7 +122,7 @@ def run_case(spec: str, namespace: str) -> dict:
 
     op, index = spec.split(":")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fn, ex, run = _case(op, int(index), namespace, device)
+    fn, ex, run = _case(op, int(index), namespace, device, layout)
     pos = [i for i, x in enumerate(ex) if isinstance(x, torch.Tensor)]
 
     class One(torch.nn.Module):
@@ -135,7 +139,7 @@ def run_case(spec: str, namespace: str) -> dict:
     package = torch._inductor.aoti_compile_and_package(ep, inductor_configs=dict(INDUCTOR_OPTIONS))
     _share_libstdcxx()
     runner = torch._inductor.aoti_load_package(package)
-    res = {"case": spec, "namespace": namespace, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    res = {"case": spec, "namespace": namespace, "kv_layout": layout, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "compile_seconds": round(time.perf_counter() - t0, 1)}
     for name, args in (("example", ex), ("run", run)):
         a_want, a_got = _clone(args), _clone(args)
@@ -149,16 +153,17 @@ def run_case(spec: str, namespace: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="chain:0,chain:1,indexer_scores:0,topk_select:0,compress:0,compress:1,"
-                                       "sparse_attention:1")
+                                       "sparse_attention:1,moe_route:0,moe_route:2")
     ap.add_argument("--namespace", default="v4triton")
+    ap.add_argument("--kv-layout", default="reference", choices=("reference", "production"))
     ap.add_argument("--json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a worker: run this case, print its JSON
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(run_case(a.one, a.namespace)))
+        print(json.dumps(run_case(a.one, a.namespace, a.kv_layout)))
         return 0
     procs = [(c, subprocess.Popen([sys.executable, "-m", "v4compile.bench.aoti_ops", "--one", c, "--namespace",
-                                   a.namespace], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   a.namespace, "--kv-layout", a.kv_layout], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "PYTHONWARNINGS": "ignore"}))
              for c in a.cases.split(",")]
     results, ok = [], True
