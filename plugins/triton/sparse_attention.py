@@ -303,6 +303,8 @@ def _launch(q, kv, sc, idx, kv2, sc2, idx2, sink, scale, fp8: bool, nope: int, c
         kv2, sc2, idx2, K2, N2 = _no_source(kv, sc)
     if kv.numel() == 0 or idx.numel() == 0:
         kv, sc, idx, K, N = _no_source(kv2, sc2)
+    # a caller's one tensor as both sources (read-only): a second view object of it, no copy
+    kv2, sc2, idx2 = (b.view(b.shape) if b is a else b for a, b in ((kv, kv2), (sc, sc2), (idx, idx2)))
     cfg = config or pick_config(D, q.device, fp8)
     block_h = min(64, _pow2(H, 16))
     block_d = _pow2(D, 16)

@@ -234,3 +234,19 @@ def test_tracing_records_both_kernels_as_wrap_triton_nodes():
     assert res.returncode == 0, res.stderr[-2000:]
     targets = res.stdout.strip().splitlines()[-1].split(",")
     assert targets.count("triton_kernel_wrapper_mutation") == 2, targets  # attention + combine
+
+
+def test_one_tensor_as_both_sources_is_accepted():
+    """kv2 / idx2 may be the caller's kv / idx object itself (read-only): the launch passes a second view, which
+    the launch guard (one tensor never two pointer arguments) accepts; same result as two copies."""
+    from v4compile.plugins.triton.sparse_attention import sparse_attention_launch
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, D, N, K = 1, 3, 4, 64, 8, 4
+    q = torch.randn(B, T, H, D, generator=g)
+    kv = torch.randn(B, N, D, generator=g)
+    idx = torch.randint(0, N, (B, T, K), generator=g, dtype=torch.int32)
+    sink = torch.zeros(H)
+    same = sparse_attention_launch(q, kv, idx, kv, idx, sink, 0.125)
+    copies = sparse_attention_launch(q, kv, idx, kv.clone(), idx.clone(), sink, 0.125)
+    assert torch.equal(same, copies)
