@@ -36,9 +36,8 @@ keeping extra precision flips rounding decisions (measured on tiny bf16 without 
 if hasattr(torch._inductor.config.triton, "coalesce_tiling_analysis"):
     INDUCTOR_OPTIONS["triton.coalesce_tiling_analysis"] = False
     # GPU codegen only. torch 2.11's coalescing analysis (tiling_utils.get_pw_red_splits) asserts on a fused node
-    # of the production-layout tiny prefill (KV rows decoded from uint8 inside a reduction): the bare
-    # "InductorError: AssertionError:" of session 6, traceback read in session 7 (docs/perf/engines.md). It only
-    # picks tile shapes; without it Inductor tiles as torch < 2.8 did.
+    # of the production-layout tiny prefill: the bare "InductorError: AssertionError:" of session 6, traceback read
+    # in session 7 (docs/perf/engines.md). The analysis only chooses tile shapes.
 
 
 @contextlib.contextmanager
