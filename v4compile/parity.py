@@ -70,6 +70,12 @@ class Metric:
     table_key: str | None = None  # TOLERANCES key of the bound; None: reported only
     bound: float | None = None
     minimum: bool = False  # the bound is a lower bound (agreement shares)
+    waived: bool = False  # reported against its bound but not gated (validate's noisy-model rule)
+
+    @property
+    def gates(self) -> bool:
+        """Whether the metric can fail the report."""
+        return self.bound is not None and not self.waived
 
     @property
     def ok(self) -> bool:
@@ -82,7 +88,8 @@ class Metric:
     def describe(self) -> str:
         where = "model" if self.layer is None else f"layer {self.layer}"
         rel = ">=" if self.minimum else "<="
-        bound = "" if self.bound is None else f" (bound {rel} {self.bound:.3g}, {self.table_key})"
+        bound = "" if self.bound is None else f" (bound {rel} {self.bound:.3g}, {self.table_key}" \
+            f"{', waived' if self.waived else ''})"
         return f"{self.name} {where}: {_fmt(self.value)}{bound}"
 
 
@@ -115,17 +122,17 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return all(m.ok for m in self.metrics)
+        return all(m.ok for m in self.metrics if m.gates)
 
     @property
     def failures(self) -> list[str]:
-        """One line per metric outside its bound, naming metric, layer, value and bound."""
-        return [m.describe() for m in self.metrics if not m.ok]
+        """One line per gated metric outside its bound, naming metric, layer, value and bound."""
+        return [m.describe() for m in self.metrics if m.gates and not m.ok]
 
     def summary(self) -> str:
         """One line for a failed check: the earliest failing layer first (where the mismatch starts), then the
         whole-model failures, up to three named."""
-        bad = [m for m in self.metrics if not m.ok]
+        bad = [m for m in self.metrics if m.gates and not m.ok]
         if not bad:
             return "every metric within its bound"
         first = sorted((m for m in bad if m.layer is not None), key=lambda m: m.layer)[:1]
@@ -160,7 +167,8 @@ class ParityReport:
             t.add_column(col, justify=just)
         for m in sorted(self.metrics, key=lambda m: (m.layer is not None, m.layer or 0)):
             bound = "-" if m.bound is None else f"{'>=' if m.minimum else '<='} {m.bound:.3g}"
-            status = "" if m.bound is None else ("[green]ok[/green]" if m.ok else "[red]FAIL[/red]")
+            status = "" if m.bound is None else ("[green]ok[/green]" if m.ok else
+                                                 "[yellow]over (waived)[/yellow]" if m.waived else "[red]FAIL[/red]")
             layer = "" if m.layer is None else f"{m.layer} {self.per_layer.get(m.layer, {}).get('kind', '')}"
             t.add_row(m.name, layer, _fmt(m.value), bound, status)
         return t

@@ -10,6 +10,11 @@ engine (`build --trace`), per layer: hidden-state calc_diff / max rel err, index
 layers), expert-selection agreement (MoE layers, every layer), and the local error of each layer and of the head
 (the reference's layer run on the engine's own input streams, ReferenceModel.teacher_forced): the whole stack's
 error compounds through discrete choices in a random model, the local one shows which layer adds it.
+
+Noisy models: when a bf16 / fp8 report fails and the engine has a trace program, the reference is compared with
+its float32 twin (`logits.precision_floor`). If the reference's own bf16 rounding moves its logits more than the
+bound, the whole-stack metrics (COMPOUNDED) are kept but waived and the local errors decide: the build check's
+rule (api.check_parity), so a correct engine of a seeded random model passes both or neither.
 """
 
 from __future__ import annotations
@@ -199,7 +204,47 @@ def validate(engine: Engine | str | os.PathLike, reference: Any = None, prompts:
     _fill(report, acc, eng.cfg, precision)
     if not has_trace:
         report.notes.append(NO_TRACE_NOTE)
+    elif not report.ok and model.act_dtype != torch.float32:
+        _noisy_model_rule(report, model, prompts, eng.max_len, precision)
     return report
+
+
+COMPOUNDED = frozenset({"logits.calc_diff", "logits.max_rel_err", "logits.kl_mean", "logits.kl_max",
+                        "logits.top1_agreement", "decode.logits_calc_diff", "greedy.token_agreement",
+                        f"greedy.top{TOP_K_RULE}_violations", "hidden.calc_diff", "indexer.overlap",
+                        "experts.agreement"})
+"""Metrics of the whole stack's output (each layer's error carried through every later layer's discrete
+choices); the noisy-model rule waives them. Never waived: inf/NaN agreement and the local (per layer) errors."""
+
+
+@torch.no_grad()
+def _noisy_model_rule(report: ParityReport, model: ReferenceModel, prompts: list[list[int]], max_len: int,
+                      precision: str) -> None:
+    """The build check's last rule (api.check_parity), for `validate`: when the reference's own logits move more
+    than the bound under bf16 rounding alone (its distance to its float32 twin, the precision floor), no engine
+    can be held to the bound on the compounded metrics: two valid bf16 programs land several floors apart once
+    a top-k pick, an expert choice or an FP8 activation code flips. Such a model is judged by each layer's local
+    (teacher-forced) error and the head's, which do not compound; the compounded metrics stay in the report,
+    marked waived. Needs the trace program (the caller checks). A model within the bound keeps every gate."""
+    from v4compile.api import fp32_twin
+
+    twin = fp32_twin(model)
+    floor = 0.0
+    for p in prompts:
+        tok = torch.tensor([p])
+        ref = model(tok, 0, model.new_cache(1, max_len))
+        floor = max(floor, calc_diff(ref.float().cpu(), twin(tok, 0, twin.new_cache(1, max_len)).float().cpu()))
+    del twin
+    bound = TOLERANCES["model_logits"][precision]
+    report.metrics.append(Metric("logits.precision_floor", floor))
+    if floor < bound:
+        return
+    for m in report.metrics:
+        if m.name in COMPOUNDED and not m.ok:
+            m.waived = True
+    report.notes.append(f"judged per layer: this model's bf16 reference is {floor:.3e} from its float32 twin "
+                        f"(logits calc_diff, above the bound {bound:.0e}), so the whole-stack metrics are reported "
+                        "but waived and each layer's local (teacher-forced) error decides, as in the build check")
 
 
 class _progress:
