@@ -93,6 +93,12 @@ def test_prompt_checks():
 
     ps = default_prompts(ModelConfig.preset("tiny"), 64, 8)
     assert [len(p) for p in ps] == [56, 31, 7, 1] and ps == default_prompts(ModelConfig.preset("tiny"), 64, 8)
+    # a 1M-position engine: capped (no ~1M-token eager prefill by default), likewise the build's parity check
+    assert [len(p) for p in default_prompts(ModelConfig.preset("tiny"), 1 << 20, 8)] == [8192, 7, 1]
+    from v4compile.api import parity_prompts
+
+    assert [len(p) for p in parity_prompts(ModelConfig.preset("tiny"), 1 << 20, 4)] == [4096, 7, 1]
+    assert [len(p) for p in parity_prompts(ModelConfig.preset("tiny"), 256, 4)] == [128, 7, 1]
 
 
 def test_prompts_file_formats_and_errors(tmp_path):

@@ -36,11 +36,14 @@ from v4compile.runtime.engine import Engine, load_engine
 from v4compile.validate import TOLERANCES, calc_diff, max_rel_err, nonfinite_mismatch
 
 NO_TRACE_NOTE = "per-layer: not in engine (build with --trace)"
+DEFAULT_PROMPT_CAP = 8192
+"""Longest default prompt: an engine of 1M positions is not validated on a ~1M-token eager prefill by default."""
 
 
 def default_prompts(cfg: ModelConfig, max_len: int, steps: int, seed: int = 1234) -> list[list[int]]:
-    """Seeded prompts of several lengths (longest fits `steps` greedy steps; a 1-token and a mid one)."""
-    longest = max(1, max_len - steps)
+    """Seeded prompts of several lengths (longest fits `steps` greedy steps, at most DEFAULT_PROMPT_CAP tokens;
+    a 1-token and a mid one). Longer contexts: pass prompts."""
+    longest = max(1, min(max_len - steps, DEFAULT_PROMPT_CAP))
     lens = sorted({longest, max(1, min(longest, max_len // 2 - 1)), min(longest, 7), 1}, reverse=True)
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
