@@ -4,7 +4,8 @@ TensorRT launches an AOT plugin's kernel with (input pointers..., int32 extra ar
 pads Triton's two hidden scratch pointers with null. Our kernels interleave pointers, sizes and strides, so each
 plugin gets a thin `@triton.jit` entry here whose runtime parameters are exactly specs.KERNEL_SPECS[name].arg_names
 (tested); it derives the strides of the dense TensorRT tensors (in int64) and calls the plugins/triton kernel by
-keyword, which Triton inlines. Attributes arrive as constexprs (baked into the PTX). An aliased output (in-place
+keyword, which Triton inlines. Integer arguments are widened with tl.cast, not `.to`: Triton's JIT passes
+an integer argument equal to 1 as a constexpr (a Python int, which has no `.to`), e.g. T at decode. Attributes arrive as constexprs (baked into the PTX). An aliased output (in-place
 update) is the same buffer as its input: the entry reads and writes through the output pointer.
 
 Legend as in the kernels' modules: B batch, T tokens of the call, CW compressor projection width, N cache rows.
@@ -30,18 +31,19 @@ def v4trt_compress_pool(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_po
                         M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
                         SB: tl.constexpr, ROTATE: tl.constexpr, EPS: tl.constexpr, HD_SCALE: tl.constexpr):
     CW: tl.constexpr = C * D
-    t = T.to(tl.int64)
+    t = tl.cast(T, tl.int64)
     _pool_kernel(kvp_ptr=kv_proj, gp_ptr=gate_proj, ape_ptr=ape, nw_ptr=norm_weight, invf_ptr=inv_freq,
                  start_ptr=start_pos, kvs_ptr=kv_state, scs_ptr=score_state, cache_ptr=cache_out,
                  T=T, n_blocks=N1 - 1, eps=EPS, hd_scale=HD_SCALE, sk_b=t * CW, sk_t=CW, sg_b=t * CW, sg_t=CW,
-                 ss_b=C * M * CW, sc_b=N1.to(tl.int64) * D, sc_n=D, M=M, C=C, D=D, DP=DP, R=R, SB=SB, ROTATE=ROTATE)
+                 ss_b=C * M * CW, sc_b=tl.cast(N1, tl.int64) * D, sc_n=D, M=M, C=C, D=D, DP=DP, R=R, SB=SB,
+                 ROTATE=ROTATE)
 
 
 @triton.jit
 def v4trt_compress_state(kv_proj, gate_proj, ape, start_pos, kv_state, score_state, after, T,
                          kv_state_out, score_state_out,
                          M: tl.constexpr, C: tl.constexpr, CW: tl.constexpr, SP: tl.constexpr, CB: tl.constexpr):
-    t = T.to(tl.int64)
+    t = tl.cast(T, tl.int64)
     _state_kernel(kvp_ptr=kv_proj, gp_ptr=gate_proj, ape_ptr=ape, start_ptr=start_pos, kvs_ptr=kv_state_out,
                   scs_ptr=score_state_out, T=T, sk_b=t * CW, sk_t=CW, sg_b=t * CW, sg_t=CW, ss_b=C * M * CW,
                   M=M, C=C, CW=CW, SP=SP, CB=CB)
@@ -51,8 +53,8 @@ def v4trt_compress_state(kv_proj, gate_proj, ape, start_pos, kv_state, score_sta
 def v4trt_indexer_scores(q, weights, k_cache, positions, T, N, tiles, scores, ws,
                          RATIO: tl.constexpr, HI: tl.constexpr, DI: tl.constexpr, BT: tl.constexpr,
                          BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, NUM_STAGES: tl.constexpr):
-    t = T.to(tl.int64)
-    n = N.to(tl.int64)
+    t = tl.cast(T, tl.int64)
+    n = tl.cast(N, tl.int64)
     _scores_kernel(q_ptr=q, w_ptr=weights, k_ptr=k_cache, pos_ptr=positions, s_ptr=scores, ws_ptr=ws,
                    T=T, N=N, ratio=RATIO, tiles=tiles, sq_b=t * HI * DI, sq_t=HI * DI, sq_h=DI, sw_b=t * HI, sw_t=HI,
                    sk_b=(n + 1) * DI, sk_n=DI, sp_b=t, sp_t=1, ss_r=n, HI=HI, DI=DI, BT=BT, BLOCK_N=BLOCK_N,
@@ -89,15 +91,15 @@ def v4trt_topk_finish(scores, positions, ws, runs, cand, T, N, chunk, n_chunks, 
 def v4trt_sparse_attention(q, kv, idx, kv2, idx2, sink, T, H, D, N, N2, K, K2, out,
                            QK_SCALE: tl.constexpr, SINK_SCALE: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    t = T.to(tl.int64)
-    hd = H.to(tl.int64) * D
+    t = tl.cast(T, tl.int64)
+    hd = tl.cast(H, tl.int64) * D
     n_blocks = tl.cdiv(K, BLOCK_N) + tl.cdiv(K2, BLOCK_N)  # one split: it walks every block
     _sparse_attn_kernel(q_ptr=q, kv_ptr=kv, sc_ptr=kv, idx_ptr=idx, kv2_ptr=kv2, sc2_ptr=kv2, idx2_ptr=idx2,
                         sink_ptr=sink, o_ptr=out, part_acc_ptr=out, part_ml_ptr=out,
                         T=T, H=H, D=D, N=N, N2=N2, K=K, K2=K2, blocks_per_split=n_blocks, qk_scale=QK_SCALE,
-                        sink_scale=SINK_SCALE, s_qb=t * hd, s_qt=hd, s_qh=D, s_kvb=N.to(tl.int64) * D, s_kvn=D,
-                        s_scb=N.to(tl.int64) * D, s_scn=D, s_ib=t * K, s_it=K, s_kv2b=N2.to(tl.int64) * D,
-                        s_kv2n=D, s_sc2b=N2.to(tl.int64) * D, s_sc2n=D, s_i2b=t * K2, s_i2t=K2, s_ob=t * hd,
+                        sink_scale=SINK_SCALE, s_qb=t * hd, s_qt=hd, s_qh=D, s_kvb=tl.cast(N, tl.int64) * D, s_kvn=D,
+                        s_scb=tl.cast(N, tl.int64) * D, s_scn=D, s_ib=t * K, s_it=K, s_kv2b=tl.cast(N2, tl.int64) * D,
+                        s_kv2n=D, s_sc2b=tl.cast(N2, tl.int64) * D, s_sc2n=D, s_i2b=t * K2, s_i2t=K2, s_ob=t * hd,
                         s_ot=hd, s_oh=D, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, SPLIT=False,
                         DOT_PREC=DOT_PREC, FP8=False, NOPE=0)
 

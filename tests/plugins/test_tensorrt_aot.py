@@ -288,6 +288,42 @@ def test_every_kernel_plugin_compiles_to_sm90_ptx_with_the_tensorrt_parameter_li
         check_compiled_entry(r)
 
 
+SPECIALISED_SCRIPT = r"""
+import dataclasses, json, sys
+from v4compile.plugins.tensorrt.aot import compile_plan, describe
+out = []
+for label, name, shapes, dtypes, attrs in json.load(sys.stdin):
+    p = describe(name, shapes, dtypes, attrs)
+    ints = [k for k, v in p.signature.items() if v == "i32"]
+    q = dataclasses.replace(p, signature={k: "constexpr" if k in ints else v for k, v in p.signature.items()},
+                            constexprs={**p.constexprs, **{k: 1 for k in ints}})
+    try:
+        compile_plan(q)
+        out.append([label, name, None])
+    except Exception as e:
+        out.append([label, name, f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"])
+print(json.dumps(out))
+"""
+
+
+def test_entry_kernels_compile_with_integer_arguments_specialised_to_one():
+    """Triton's JIT passes an integer argument equal to 1 (T at decode, one cache block) as a constexpr, a Python
+    int: an entry kernel that calls `.to` on it fails to compile (the GPU test of the JIT entries at T = 1 did, on
+    an H100 in session 8). Every V4-Flash entry compiled with all its int32 arguments as constexpr 1."""
+    seen, cases = set(), []
+    for label, name, shapes, dtypes, attrs in _all_cases(2, 3, FLASH, "bfloat16"):
+        if (name, json.dumps(attrs, sort_keys=True)) not in seen:
+            seen.add((name, json.dumps(attrs, sort_keys=True)))
+            cases.append((label, name, shapes, dtypes, attrs))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", SPECIALISED_SCRIPT], input=json.dumps(cases), capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {n for _, n, _ in results} == {n for _, n, *_ in cases} and len(results) >= 8
+    assert [r for r in results if r[2] is not None] == []
+
+
 def check_compiled_entry(r: dict) -> None:
     """One COMPILE_SCRIPT result: compiled, the PTX entry is the kernel named, its parameters are TensorRT's list
     (inputs, int32 extras, outputs, Triton's hidden scratch pointers), launch fits sm_90."""
