@@ -27,6 +27,12 @@ from v4compile.runtime.weights import bind_weights, read_weights
 
 log = logging.getLogger(__name__)
 
+INPUT_ALIGN = 16
+"""Bytes: a CUDA AOTInductor model assumes each tensor input starts at this alignment, and CLONES an input that does
+not (torch/_inductor/codegen/cpp_wrapper_gpu.py, "Copying to an aligned tensor"), so its in-place writes to that
+input are lost. The slot views of a session (Session.rows) of a production-layout cache can start off it: e.g. a
+uint8 scale cache of N rows x 8 B per slot, N odd. Such views are staged (_staged)."""
+
 
 @functools.cache
 def _share_libstdcxx() -> None:
@@ -93,6 +99,26 @@ class Session:
         if list(slots) != list(range(lo, hi)):
             raise InputError(f"slots {list(slots)} must be consecutive")
         return [t[lo:hi] for t in self.caches]
+
+
+class _staged:
+    """Context: `caches` where every tensor starts at INPUT_ALIGN; a view that does not is replaced by an aligned
+    copy for the call and copied back into the view after it (the model's in-place writes land). Yields the list
+    itself when nothing needed staging."""
+
+    def __init__(self, caches: list[Tensor]) -> None:
+        self.caches = caches
+        self.copies = {i: t.clone() for i, t in enumerate(caches) if t.data_ptr() % INPUT_ALIGN}
+
+    def __enter__(self) -> list[Tensor]:
+        if not self.copies:
+            return self.caches
+        return [self.copies.get(i, t) for i, t in enumerate(self.caches)]
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            for i, c in self.copies.items():
+                self.caches[i].copy_(c)
 
 
 class Engine:
@@ -166,7 +192,8 @@ class Engine:
         slots = list(range(session.batch)) if slots is None else list(slots)
         tokens, sp = self._check(tokens, start_pos, len(slots))
         caches = session.caches if len(slots) == session.batch else session.rows(slots)
-        outs = self.models["trace"](tokens, sp, *caches)
+        with _staged(caches) as caches:
+            outs = self.models["trace"](tokens, sp, *caches)
         names = spec["outputs"]
         if len(outs) != len(names):
             raise EngineError(f"trace program returned {len(outs)} tensors; the manifest lists {len(names)}")
@@ -183,10 +210,11 @@ class Engine:
         slots = list(range(session.batch)) if slots is None else list(slots)
         tokens, sp = self._check(tokens, start_pos, len(slots))
         caches = session.caches if len(slots) == session.batch else session.rows(slots)
-        if entry == "decode" and self.device.type == "cuda":
-            out = self._cuda_decode(tokens, sp, caches)
-        else:
-            out = self.models[entry](tokens, sp, *caches)
+        with _staged(caches) as staged:
+            if entry == "decode" and self.device.type == "cuda" and staged is caches:
+                out = self._cuda_decode(tokens, sp, caches)
+            else:  # prefill, or a decode on staged copies (a graph would be captured on temporaries)
+                out = self.models[entry](tokens, sp, *staged)
         out = out[0] if isinstance(out, (list, tuple)) else out
         end = (sp + tokens.shape[1]).tolist()
         for b, e in zip(slots, end):
