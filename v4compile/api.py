@@ -90,8 +90,8 @@ def build(source: Any, target: str = "cpu", precision: str = "fp32", out_dir: st
     target "tensorrt": ONNX with plugin nodes (+ a TensorRT plan where TensorRT is installed) or, with
     via="torch_tensorrt", Torch-TensorRT; see targets/tensorrt.py (max_batch / max_len / check as above).
     kv_layout: the engine's cache layout, "production" (V4-SPEC 6.2 encodings: 3 514 B / token at Flash) or
-    "reference" (act-dtype rows); default: the target's default_kv_layout for bf16 / fp8 (cpu: production;
-    h100 / h200: reference for now, see targets/h200.py), else reference (Target.kv_layout; a production
+    "reference" (act-dtype rows); default: the target's default_kv_layout for bf16 / fp8 (production on
+    cpu, h100 and h200), else reference (Target.kv_layout; a production
     request that cannot be honoured is a ConfigError / TargetError).
     """
     if target == "tensorrt":

@@ -242,9 +242,8 @@ def bench_model(args: tuple[str, ...]) -> None:
                    "`validate` uses for per-layer metrics (one more compile).")
 @click.option("--kv-layout", type=click.Choice(["production", "reference"]),
               help="Cache layout: production (FP8 e4m3 + bf16 RoPE + UE8M0 KV rows, packed FP4 indexer keys: "
-                   "V4-SPEC 6.2) or reference (activation-dtype rows). Default: production for bf16 on cpu; "
-                   "reference for h100 / h200 (production there by request: its AOTInductor compile is "
-                   "still failing), fp32 and tensorrt.")
+                   "V4-SPEC 6.2) or reference (activation-dtype rows). Default: production for bf16 / fp8 on "
+                   "cpu, h100 and h200; reference for fp32 and tensorrt.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's summary as JSON.")
 def build_cmd(preset: str | None, checkpoint: str | None, target: str, via: str, allow_lossy_repack: bool,
               precision: str, out: str, no_check: bool, max_batch: int | None, max_len: int | None, overwrite: bool,
