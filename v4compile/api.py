@@ -236,7 +236,9 @@ def fp32_twin(model: ReferenceModel) -> ReferenceModel:
 @torch.no_grad()
 def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: int = 4) -> dict[str, Any]:
     """Engine vs eager on seeded prompts: prefill logits (calc_diff, max abs / rel error) and greedy tokens over
-    n_new decode steps; raises ParityError beyond MODEL_LOGITS_CALC_DIFF. Returns the manifest summary.
+    n_new decode steps; raises ParityError beyond MODEL_LOGITS_CALC_DIFF. Returns the manifest summary. Also the
+    engine against itself (slot_consistency, bound SLOT_CONSISTENCY): the middle prompt in slot 1 of a 2-slot
+    session vs a 1-slot session, which no precision noise moves.
 
     bf16 / fp8: a model whose logits move more than the bound under bf16 rounding alone is judged against that
     precision floor instead: per prompt, the engine's distance to the float32 twin must stay within
@@ -270,9 +272,11 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
     got_tokens = engine.generate(batch, n_new, stop_tokens=())
     agree = sum(a == b for w, g in zip(want, got_tokens) for a, b in zip(w, g))
     bound = MODEL_LOGITS_CALC_DIFF[precision]
+    slot_diff = slot_consistency(engine, prompts[len(prompts) // 2], n_new)
     summary = {"prompts": [len(p) for p in prompts], "logits_calc_diff": max(diffs), "max_abs_err": abs_err,
                "max_rel_err": rel_err, "nonfinite_mismatch": nonfinite, "greedy_steps": n_new,
-               "greedy_token_agreement": f"{agree}/{sum(len(w) for w in want)}", "tolerance": bound}
+               "greedy_token_agreement": f"{agree}/{sum(len(w) for w in want)}", "tolerance": bound,
+               "slot_consistency_calc_diff": slot_diff}
     within = max(diffs) < bound
     if not within and model.act_dtype != torch.float32 and nonfinite == 0:
         twin = fp32_twin(model)
@@ -293,6 +297,10 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
             summary.update(local_calc_diff={str(i): v for i, v in sorted(local.items())}, head_local_calc_diff=head,
                            local_tolerance=limit, judged_by="local per layer" if within else "bound")
     del logits
+    if slot_diff is not None and slot_diff > SLOT_CONSISTENCY:
+        raise ParityError(f"the engine disagrees with itself: a prompt prefilled and decoded in slot 1 of a 2-slot "
+                          f"session gives logits calc_diff {slot_diff:.3e} from the same prompt in a 1-slot session "
+                          f"(bound {SLOT_CONSISTENCY:.0e}): a cache write of a slot view is lost or misplaced")
     summary["ok"] = bool(within and nonfinite == 0)
     if not summary["ok"]:
         floor = (f"; vs the float32 twin: engine {max(summary['engine_vs_fp32']):.3e}, bf16 reference "
@@ -309,6 +317,31 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
         raise ParityError(f"engine vs eager logits: calc_diff {max(diffs):.3e} (bound {bound:.0e}), "
                           f"max abs err {abs_err:.3e}, {nonfinite} inf/NaN mismatches{floor}")
     return summary
+
+
+SLOT_CONSISTENCY = 1e-6
+"""Bound of check_parity's slot rule: the same program at the same batch-1 shapes on the same tokens, so only a
+lost or misplaced cache write of a slot view moves it (measured: CUDA-graph and uncaptured decode agree exactly)."""
+
+
+@torch.no_grad()
+def slot_consistency(engine: Engine, prompt: list[int], n_new: int) -> float | None:
+    """calc_diff between a prompt prefilled and greedily decoded (n_new steps) in slot 1 of a 2-slot session and the
+    same in a 1-slot session: the engine against itself, free of precision noise. What it guards: slot views reach
+    the model at an offset (Session.rows), where a CUDA AOTInductor model clones a misaligned input and drops its
+    writes (runtime/engine.py INPUT_ALIGN). None when the engine serves one sequence."""
+    from v4compile.validate import calc_diff
+
+    if engine.max_batch < 2:
+        return None
+    tok, alone, pair = torch.tensor([prompt]), engine.new_session(1), engine.new_session(2)
+    a = [engine.prefill(tok, 0, alone)[0, -1]]
+    b = [engine.prefill(tok, 0, pair, slots=[1])[0, -1]]
+    for s in range(min(n_new, engine.max_len - len(prompt))):
+        t, pos = torch.tensor([int(a[-1].argmax())]), torch.tensor([len(prompt) + s])
+        a.append(engine.decode(t, pos, alone)[0, -1])
+        b.append(engine.decode(t, pos, pair, slots=[1])[0, -1])
+    return calc_diff(torch.stack(b).float().cpu(), torch.stack(a).float().cpu())
 
 
 def _local_errors(model: ReferenceModel, engine: Engine, prompts: list[list[int]]) -> tuple[dict[int, float], float]:

@@ -16,12 +16,15 @@ class EagerEngine:
     def __init__(self, model, noise: float) -> None:
         self.model, self.noise = model, noise
 
-    def new_session(self, batch):
-        return self.model.new_cache(batch, self.max_len)
+    def new_session(self, batch):  # one batch-1 eager cache per slot
+        return [self.model.new_cache(1, self.max_len) for _ in range(batch)]
 
-    def prefill(self, tokens, start_pos, cache):
-        logits = self.model(tokens, start_pos, cache)
+    def prefill(self, tokens, start_pos, session, slots=None):
+        logits = self.model(tokens, start_pos, session[(slots or [0])[0]])
         return logits + self.noise * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+
+    def decode(self, tokens, start_pos, session, slots=None):
+        return self.model(tokens.view(-1, 1), int(start_pos[0]), session[(slots or [0])[0]])
 
     def generate(self, prompts, n, stop_tokens=()):
         return [eager_generate(self.model, p, n) for p in prompts]
@@ -35,6 +38,28 @@ def test_parity_summary_and_failure(eager):
         check_parity(eager, EagerEngine(eager, 1.0), "fp32")
 
 
+class SlotLossyEngine(EagerEngine):
+    """Drops the cache writes of a prefill into slot >= 1 (what a CUDA AOTInductor model does to an input it
+    clones for alignment, runtime/engine.py INPUT_ALIGN)."""
+
+    def prefill(self, tokens, start_pos, session, slots=None):
+        if slots and slots[0] >= 1:
+            return self.model(tokens, start_pos, self.model.new_cache(1, self.max_len))
+        return super().prefill(tokens, start_pos, session, slots)
+
+
+def test_engine_disagreeing_with_itself_across_slots_is_refused(eager):
+    """The slot rule: slot 1 of a 2-slot session vs a 1-slot session, prefill + greedy decode; noise-free, so a lost
+    slot write is caught even where the logits bound could not see it (prefill logits alone stay exact here)."""
+    ok = check_parity(eager, EagerEngine(eager, 0.0), "fp32")
+    assert ok["slot_consistency_calc_diff"] == 0.0
+    with pytest.raises(ParityError, match="disagrees with itself: .* slot 1 of a 2-slot session .* calc_diff"):
+        check_parity(eager, SlotLossyEngine(eager, 0.0), "fp32")
+    single = EagerEngine(eager, 0.0)
+    single.max_batch = 1
+    assert check_parity(eager, single, "fp32")["slot_consistency_calc_diff"] is None
+
+
 class TwinEngine(EagerEngine):
     """An engine that computes the bf16 model's math in float32 (the best a bf16 engine could do), plus noise."""
 
@@ -44,7 +69,7 @@ class TwinEngine(EagerEngine):
         super().__init__(model, 0.0)
         self.twin, self.noise = twin, noise
 
-    def prefill(self, tokens, start_pos, cache):
+    def prefill(self, tokens, start_pos, cache, slots=None):
         logits = self.twin(tokens, start_pos, self.twin.new_cache(tokens.shape[0], self.max_len))
         noise = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
         return logits + self.noise * logits.std() * noise

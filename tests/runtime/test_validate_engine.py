@@ -8,7 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from v4compile.api import load_engine
 from v4compile.cli import main
+from v4compile.errors import InputError
 from v4compile.model.checkpoint import save_checkpoint
 from v4compile.model.config import ModelConfig
 from v4compile.model.reference import ReferenceModel
@@ -94,12 +96,15 @@ def test_validate_and_run_input_errors_on_a_real_engine(engine_dir, tmp_path):
     cases = [("[[1, 2, 1024]]", tiny, "token id 1024 outside [0, 1024)"),
              (json.dumps([list(range(60))]), tiny, "60 tokens + 8 greedy steps exceeds the engine's max_len 64"),
              ("[[1, 2]]", [*tiny, "--steps", "63"], "exceeds the engine's max_len 64"),
-             ("[[1, 2]]", ["--preset", "tiny-128"], "config differs from the engine's"),
-             ("[[1, 2]]", [], "does not record what it was built from")]  # the fixture builds from a Python model
+             ("[[1, 2]]", ["--preset", "tiny-128"], "config differs from the engine's")]
     for text, extra, msg in cases:
         p.write_text(text)
         r = CliRunner().invoke(main, ["validate", str(engine_dir), "--prompts", str(p), *extra])
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and msg in lines[0], (extra, r.output)
+    eng = load_engine(engine_dir)
+    eng.manifest["build"]["source"] = None  # what an engine built from a Python model records
+    with pytest.raises(InputError, match="does not record what it was built from"):
+        validate(eng, None, [[1, 2]], steps=1)
     r = CliRunner().invoke(main, ["run", str(engine_dir), "--prompt-ids", "1,5000"])
     assert r.exit_code == 2 and "token id 5000" in r.output and len(r.output.strip().splitlines()) == 1
