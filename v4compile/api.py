@@ -300,8 +300,8 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
     if slot_diff is not None and slot_diff > SLOT_CONSISTENCY:
         raise ParityError(f"the engine disagrees with itself: a prompt prefilled and decoded in slot 1 of a 2-slot "
                           f"session gives logits calc_diff {slot_diff:.3e} from the same prompt in a 1-slot session "
-                          f"(bound {SLOT_CONSISTENCY:.0e}): a cache write of a slot view is lost or misplaced (or, for a small "
-                          f"value, the program is not deterministic)")
+                          f"(bound {SLOT_CONSISTENCY:.0e}): a cache write of a slot view is lost or misplaced (or, "
+                          f"for a small value, the program is not deterministic)")
     summary["ok"] = bool(within and nonfinite == 0)
     if not summary["ok"]:
         floor = (f"; vs the float32 twin: engine {max(summary['engine_vs_fp32']):.3e}, bf16 reference "

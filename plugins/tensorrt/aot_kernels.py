@@ -4,9 +4,10 @@ TensorRT launches an AOT plugin's kernel with (input pointers..., int32 extra ar
 pads Triton's two hidden scratch pointers with null. Our kernels interleave pointers, sizes and strides, so each
 plugin gets a thin `@triton.jit` entry here whose runtime parameters are exactly specs.KERNEL_SPECS[name].arg_names
 (tested); it derives the strides of the dense TensorRT tensors (in int64) and calls the plugins/triton kernel by
-keyword, which Triton inlines. Integer arguments are widened with tl.cast, not `.to`: Triton's JIT passes
-an integer argument equal to 1 as a constexpr (a Python int, which has no `.to`), e.g. T at decode. Attributes arrive as constexprs (baked into the PTX). An aliased output (in-place
-update) is the same buffer as its input: the entry reads and writes through the output pointer.
+keyword, which Triton inlines. Integer arguments are widened with tl.cast, not `.to`: Triton's JIT passes an
+integer argument equal to 1 as a constexpr (a Python int, which has no `.to`), e.g. T at decode. Attributes
+arrive as constexprs (baked into the PTX). An aliased output (in-place update) is the same buffer as its input:
+the entry reads and writes through the output pointer.
 
 Legend as in the kernels' modules: B batch, T tokens of the call, CW compressor projection width, N cache rows.
 """
