@@ -3,6 +3,7 @@ prompts file reader / prompt checks of `v4compile validate` (no engine needed)."
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from v4compile.errors import InputError
 from v4compile.parity import (Metric, ParityReport, bounded, in_top_k, kl_per_position, set_overlap,
                               top1_agreement)
 from v4compile.parity_run import check_prompts, default_prompts
+from v4compile.runtime.engine import Engine
 from v4compile.validate import MODEL_MINIMA, TOLERANCES
 
 
@@ -126,43 +128,37 @@ def test_logits_within_rule():
     assert not logits_within(2e-5, "fp32")
 
 
-class _NoisyTracingEngine:
-    """Stand-in for a bf16 cpu engine of the seeded tiny model (no build): prefill / decode logits are the eager
-    model's plus `noise`; the trace program returns the eager streams, with layer `bent`'s output disturbed."""
+class _NoisyTracingEngine(Engine):
+    """Stand-in for a bf16 cpu engine of the seeded tiny model (no build, no manifest on disk): prefill / decode
+    logits are the eager model's plus `noise`; the trace program returns the eager streams, with layer `bent`'s
+    output disturbed."""
 
-    def __new__(cls, model, noise: float, bent: int | None):
-        from pathlib import Path
+    def __init__(self, model, noise: float, bent: int | None) -> None:  # Engine.__init__ loads files: not called
+        self.model, self.noise, self.bent = model, noise, bent
+        self.root, self.device, self.cfg = Path("stand-in"), torch.device("cpu"), model.cfg
+        self.manifest = {"target": "cpu", "precision": "bf16",
+                         "entry_points": {"prefill": {}, "decode": {}, "trace": {}}}
+        self.max_batch, self.max_len, self.vocab_size = 1, 136, model.cfg.vocab_size
 
-        from v4compile.runtime.engine import Engine
+    def new_session(self, batch):
+        return self.model.new_cache(batch, self.max_len)
 
-        class StandIn(Engine):
-            def __init__(self) -> None:  # noqa: D107 (no manifest on disk, nothing loaded)
-                self.root, self.device, self.cfg, self.model = Path("stand-in"), torch.device("cpu"), model.cfg, model
-                self.manifest = {"target": "cpu", "precision": "bf16",
-                                 "entry_points": {"prefill": {}, "decode": {}, "trace": {}}}
-                self.max_batch, self.max_len, self.vocab_size = 1, 136, model.cfg.vocab_size
+    def _noisy(self, logits):
+        return logits + self.noise * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
 
-            def new_session(self, batch):
-                return model.new_cache(batch, self.max_len)
+    def prefill(self, tokens, start_pos, session):
+        return self._noisy(self.model(tokens, start_pos, session))
 
-            def _noisy(self, logits):
-                return logits + noise * torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    def decode(self, tokens, positions, session):
+        return self._noisy(self.model(tokens.view(-1, 1), int(positions[0]), session))
 
-            def prefill(self, tokens, start_pos, session):
-                return self._noisy(model(tokens, start_pos, session))
-
-            def decode(self, tokens, positions, session):
-                return self._noisy(model(tokens.view(-1, 1), int(positions[0]), session))
-
-            def trace(self, tokens):
-                tr: dict = {}
-                logits = model(tokens, 0, model.new_cache(tokens.shape[0], self.max_len), trace=tr)
-                g = torch.Generator().manual_seed(1)
-                tr["hidden"] = {i: h + 0.3 * h.float().std() * torch.randn(h.shape, generator=g) if i == bent else h
-                                for i, h in tr["hidden"].items()}
-                return {**tr, "logits": logits}
-
-        return StandIn()
+    def trace(self, tokens):
+        tr: dict = {}
+        logits = self.model(tokens, 0, self.model.new_cache(tokens.shape[0], self.max_len), trace=tr)
+        g = torch.Generator().manual_seed(1)
+        tr["hidden"] = {i: h + 0.3 * h.float().std() * torch.randn(h.shape, generator=g) if i == self.bent else h
+                        for i, h in tr["hidden"].items()}
+        return {**tr, "logits": logits}
 
 
 def test_validate_judges_a_model_noisier_than_the_bound_by_its_local_errors():

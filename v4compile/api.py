@@ -234,6 +234,15 @@ def fp32_twin(model: ReferenceModel) -> ReferenceModel:
 
 
 @torch.no_grad()
+def fp32_logits(model: ReferenceModel, prompts: list[list[int]], max_len: int) -> Iterator[torch.Tensor]:
+    """The float32 twin's prefill logits of each prompt (batch 1, fresh caches): what a precision floor is measured
+    against. The twin lives while the iterator does."""
+    twin = fp32_twin(model)
+    for p in prompts:
+        yield twin(torch.tensor([p]), 0, twin.new_cache(1, max_len))
+
+
+@torch.no_grad()
 def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: int = 4) -> dict[str, Any]:
     """Engine vs eager on seeded prompts: prefill logits (calc_diff, max abs / rel error) and greedy tokens over
     n_new decode steps; raises ParityError beyond MODEL_LOGITS_CALC_DIFF. Returns the manifest summary. Also the
@@ -279,13 +288,10 @@ def check_parity(model: ReferenceModel, engine: Engine, precision: str, n_new: i
                "slot_consistency_calc_diff": slot_diff}
     within = max(diffs) < bound
     if not within and model.act_dtype != torch.float32 and nonfinite == 0:
-        twin = fp32_twin(model)
         floors, to_fp32 = [], []
-        for p, (ref, got) in zip(prompts, logits):
-            exact = twin(torch.tensor([p]), 0, twin.new_cache(1, engine.max_len))
+        for (ref, got), exact in zip(logits, fp32_logits(model, prompts, engine.max_len)):
             floors.append(calc_diff(ref, exact))
             to_fp32.append(calc_diff(got, exact))
-        del twin
         within = all(logits_within(d, precision, f, e) for d, f, e in zip(diffs, floors, to_fp32))
         summary.update(precision_floor=floors, engine_vs_fp32=to_fp32,
                        floor_margin=TOLERANCES["model_logits_floor_margin"][precision],

@@ -228,16 +228,13 @@ def _noisy_model_rule(report: ParityReport, model: ReferenceModel, prompts: list
     can be held to the bound on the compounded metrics: two valid bf16 programs land several floors apart once
     a top-k pick, an expert choice or an FP8 activation code flips. Such a model is judged by each layer's local
     (teacher-forced) error and the head's, which do not compound; the compounded metrics stay in the report,
-    marked waived. Needs the trace program (the caller checks). A model within the bound keeps every gate."""
-    from v4compile.api import fp32_twin
+    marked waived. Needs the trace program (the caller checks). A model within the bound keeps every gate. The
+    reference logits are computed again here, on this failure path only, rather than kept from the main loop for
+    every report (one [T, vocab] tensor per prompt)."""
+    from v4compile.api import fp32_logits
 
-    twin = fp32_twin(model)
-    floor = 0.0
-    for p in prompts:
-        tok = torch.tensor([p])
-        ref = model(tok, 0, model.new_cache(1, max_len))
-        floor = max(floor, calc_diff(ref.float().cpu(), twin(tok, 0, twin.new_cache(1, max_len)).float().cpu()))
-    del twin
+    floor = max(calc_diff(model(torch.tensor([p]), 0, model.new_cache(1, max_len)).float().cpu(), exact.float().cpu())
+                for p, exact in zip(prompts, fp32_logits(model, prompts, max_len)))
     bound = TOLERANCES["model_logits"][precision]
     report.metrics.append(Metric("logits.precision_floor", floor))
     if floor < bound:

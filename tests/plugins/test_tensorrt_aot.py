@@ -246,12 +246,18 @@ def _symbolic(x, env, B, T):
 
 
 COMPILE_SCRIPT = r"""
-import json, sys
+import dataclasses, json, sys
 from v4compile.plugins.tensorrt.aot import compile_plan, describe, ptx_entry
+ints_as_one = sys.argv[1:] == ["ints-as-1"]  # every int32 argument a constexpr 1, as Triton's JIT passes a 1
 out = []
 for label, name, shapes, dtypes, attrs in json.load(sys.stdin):
     try:
-        c = compile_plan(describe(name, shapes, dtypes, attrs))
+        p = describe(name, shapes, dtypes, attrs)
+        if ints_as_one:
+            ints = [k for k, v in p.signature.items() if v == "i32"]
+            p = dataclasses.replace(p, signature={k: "constexpr" if k in ints else v for k, v in p.signature.items()},
+                                    constexprs={**p.constexprs, **{k: 1 for k in ints}})
+        c = compile_plan(p)
         entry, kinds = ptx_entry(c.ptx)
         out.append(dict(label=label, name=name, kernel=c.name, entry=entry, kinds=kinds, block_x=c.block_x,
                         warps=c.num_warps, shared=c.shared_mem, ptx=len(c.ptx)))
@@ -259,6 +265,16 @@ for label, name, shapes, dtypes, attrs in json.load(sys.stdin):
         out.append(dict(label=label, name=name, error=f"{type(e).__name__}: {e}"))
 print(json.dumps(out))
 """
+
+
+def compile_cases(cases: list, ints_as_one: bool = False) -> list[dict]:
+    """COMPILE_SCRIPT's result per case, run in a process without TRITON_INTERPRET (the interpreter replaces
+    @triton.jit kernels)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, *(["ints-as-1"] if ints_as_one else [])],
+                         input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -273,11 +289,7 @@ def compiled():
             if key not in seen:
                 seen.add(key)
                 cases.append((f"{tag} {label}", name, shapes, dtypes, attrs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], input=json.dumps(cases), capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return cases, json.loads(res.stdout.strip().splitlines()[-1])
+    return cases, compile_cases(cases)
 
 
 def test_every_kernel_plugin_compiles_to_sm90_ptx_with_the_tensorrt_parameter_list(compiled):
@@ -286,24 +298,6 @@ def test_every_kernel_plugin_compiles_to_sm90_ptx_with_the_tensorrt_parameter_li
     assert len(results) == len(cases) and {r["name"] for r in results} == set(KERNEL_SPECS) - moe
     for r in results:
         check_compiled_entry(r)
-
-
-SPECIALISED_SCRIPT = r"""
-import dataclasses, json, sys
-from v4compile.plugins.tensorrt.aot import compile_plan, describe
-out = []
-for label, name, shapes, dtypes, attrs in json.load(sys.stdin):
-    p = describe(name, shapes, dtypes, attrs)
-    ints = [k for k, v in p.signature.items() if v == "i32"]
-    q = dataclasses.replace(p, signature={k: "constexpr" if k in ints else v for k, v in p.signature.items()},
-                            constexprs={**p.constexprs, **{k: 1 for k in ints}})
-    try:
-        compile_plan(q)
-        out.append([label, name, None])
-    except Exception as e:
-        out.append([label, name, f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"])
-print(json.dumps(out))
-"""
 
 
 def test_entry_kernels_compile_with_integer_arguments_specialised_to_one():
@@ -315,13 +309,9 @@ def test_entry_kernels_compile_with_integer_arguments_specialised_to_one():
         if (name, json.dumps(attrs, sort_keys=True)) not in seen:
             seen.add((name, json.dumps(attrs, sort_keys=True)))
             cases.append((label, name, shapes, dtypes, attrs))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", SPECIALISED_SCRIPT], input=json.dumps(cases), capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads(res.stdout.strip().splitlines()[-1])
-    assert {n for _, n, _ in results} == {n for _, n, *_ in cases} and len(results) >= 8
-    assert [r for r in results if r[2] is not None] == []
+    results = compile_cases(cases, ints_as_one=True)
+    assert {r["name"] for r in results} == {n for _, n, *_ in cases} and len(results) >= 8
+    assert [r for r in results if "error" in r] == []
 
 
 def check_compiled_entry(r: dict) -> None:

@@ -7,10 +7,6 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -24,7 +20,7 @@ from v4compile.targets import trt_ops
 from v4compile.validate import TOLERANCES, calc_diff, nonfinite_mismatch
 
 from test_moe_kernels import exact_interpreter_casts  # noqa: F401  (tests/plugins; module-scoped, autouse)
-from test_tensorrt_aot import (COMPILE_SCRIPT, _compare, _LaunchRecorder, _PlanRecorder,  # tests/plugins
+from test_tensorrt_aot import (compile_cases, _compare, _LaunchRecorder, _PlanRecorder,  # tests/plugins
                                check_compiled_entry)
 
 MOE_KERNELS = ["moe_quant_act", "moe_count", "moe_scatter", "moe_gemm1", "moe_gemm2", "moe_combine"]
@@ -126,11 +122,7 @@ def test_moe_kernel_plugins_compile_to_sm90_ptx_with_the_tensorrt_parameter_list
     cases = [(f"tiny fp32 {c[1]}", *c[1:]) for c in _moe_cases(5, "tiny", torch.float32)]
     cases += [(f"flash bf16 {c[1]}", *c[1:]) for c in _moe_cases(3, (256, 4096, 2048, 6, (128, 128)),
                                                                      torch.bfloat16, "expand")]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], input=json.dumps(cases), capture_output=True,
-                         text=True, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads(res.stdout.strip().splitlines()[-1])
+    results = compile_cases(cases)
     assert [r["name"] for r in results] == MOE_KERNELS * 2
     for r in results:
         check_compiled_entry(r)

@@ -139,7 +139,8 @@ def run_case(spec: str, namespace: str, layout: str = "reference") -> dict:
     package = torch._inductor.aoti_compile_and_package(ep, inductor_configs=dict(INDUCTOR_OPTIONS))
     _share_libstdcxx()
     runner = torch._inductor.aoti_load_package(package)
-    res = {"case": spec, "namespace": namespace, "kv_layout": layout, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    res = {"case": spec, "namespace": namespace, "kv_layout": layout,
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "compile_seconds": round(time.perf_counter() - t0, 1)}
     for name, args in (("example", ex), ("run", run)):
         a_want, a_got = _clone(args), _clone(args)
@@ -163,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(a.one, a.namespace, a.kv_layout)))
         return 0
     procs = [(c, subprocess.Popen([sys.executable, "-m", "v4compile.bench.aoti_ops", "--one", c, "--namespace",
-                                   a.namespace, "--kv-layout", a.kv_layout], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PYTHONWARNINGS": "ignore"}))
+                                   a.namespace, "--kv-layout", a.kv_layout], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}))
              for c in a.cases.split(",")]
     results, ok = [], True
     for case, p in procs:
