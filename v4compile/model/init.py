@@ -41,10 +41,12 @@ def reference_schema(cfg: ModelConfig, quantized: bool = True) -> dict[str, Tens
     return out
 
 
-def iter_init(cfg: ModelConfig, seed: int = 0, quantized: bool = True) -> Iterator[tuple[str, int | None, Tensor]]:
-    """(model key, expert index or None, tensor), one tensor at a time, in checkpoint order."""
+def iter_init(cfg: ModelConfig, seed: int = 0, quantized: bool = True, device: str | torch.device = "cpu"
+              ) -> Iterator[tuple[str, int | None, Tensor]]:
+    """(model key, expert index or None, tensor), one tensor at a time, in checkpoint order, drawn on `device`
+    (values depend on its type: random_tensors)."""
     pending: tuple[str, int | None, Tensor] | None = None  # a quantised weight waiting for its scale
-    for name, t in random_tensors(cfg, seed):
+    for name, t in random_tensors(cfg, seed, device):
         key, e = model_key(name)
         if quantized:
             yield key, e, t

@@ -82,7 +82,11 @@ class ReferenceModel(nn.Module):
 
     dtype: activation dtype (default cfg.dtype; float32 for exact tests). quantized=False stores every
     FP8/FP4 weight as float32 (logical shape, no scales): weight dequantisation is skipped, the KV / indexer
-    fake-quant stays. Weights come from `init_state_dict(cfg, seed, quantized)` unless device == "meta".
+    fake-quant stays. Weights come from the seeded init (`model.init.iter_init`) unless device == "meta", drawn
+    on the model's device: a function of (cfg, seed, device type), since CPU and CUDA random streams differ (a
+    bench-sized model takes ~1 s per expert matrix on two CPU cores, ~70 min, and seconds on a GPU). An engine
+    built from a preset on a GPU is therefore compared with the preset's GPU draw (build, validate and `bench
+    model` all make the reference on the engine's device).
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype: torch.dtype | None = None, device=None, seed: int = 0,
@@ -191,10 +195,10 @@ class ReferenceModel(nn.Module):
 
     @torch.no_grad()
     def _load_init(self, seed: int) -> None:
-        """Copy the seeded init into the declared tensors one at a time (bounded host memory)."""
+        """Copy the seeded init, drawn on this model's device, into the declared tensors one at a time."""
         slots = self.state_dict(keep_vars=True)
         seen = set()
-        for key, e, value in iter_init(self.cfg, seed, self.quantized):
+        for key, e, value in iter_init(self.cfg, seed, self.quantized, self.device):
             (slots[key] if e is None else slots[key][e]).copy_(value)
             seen.add(key)
         assert seen == set(slots), f"init left {sorted(set(slots) - seen)[:5]} unset"
