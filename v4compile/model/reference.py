@@ -83,8 +83,8 @@ class ReferenceModel(nn.Module):
     dtype: activation dtype (default cfg.dtype; float32 for exact tests). quantized=False stores every
     FP8/FP4 weight as float32 (logical shape, no scales): weight dequantisation is skipped, the KV / indexer
     fake-quant stays. Weights come from the seeded init (`model.init.iter_init`) unless device == "meta", drawn
-    on the model's device: a function of (cfg, seed, device type), since CPU and CUDA random streams differ (a
-    bench-sized model takes ~1 s per expert matrix on two CPU cores, ~70 min, and seconds on a GPU). An engine
+    on the model's device: a function of (cfg, seed, device type), since CPU and CUDA random streams differ (on
+    the host a bench-sized model takes ~0.94 s per expert matrix on two CPU cores, ~72 min for its 4 608). An engine
     built from a preset on a GPU is therefore compared with the preset's GPU draw (build, validate and `bench
     model` all make the reference on the engine's device).
     """
