@@ -8,7 +8,8 @@
 #                                       # one run, no torch.compile); v4run + run on the bench engine; then a
 #                                       # torch.compile-only bench model in the background (call again to collect)
 #
-# Logs and JSON go to $OUT (the device tool's folder; ./gpu_out elsewhere). DL: seconds this call may use (570).
+# Logs go to /tmp/bm and, packed as logs.tgz with the JSON / plot beside it, to $OUT (the device tool's folder;
+# ./gpu_out elsewhere). DL: seconds this call may use (570).
 # BENCH_SOURCE / BENCH_TARGET / BENCH_LIMITS / CONTEXTS / PREFILL replace the bench engine's preset, target,
 # build limits and the timed shapes (e.g. a tiny cpu engine to try the script without a GPU).
 set -u
@@ -32,7 +33,11 @@ bg() {  # bg NAME COMMAND: run under setsid, log /tmp/bm/NAME.log, /tmp/NAME.don
   setsid bash -c "$2 > /tmp/bm/$1.log 2>&1; echo rc=\$? >> /tmp/bm/$1.log; touch /tmp/$1.done" < /dev/null > /dev/null 2>&1 &
   el "started $1: $2"
 }
-snap() { cp /tmp/bm/* "$OUT"/ 2>/dev/null; sort -n /tmp/gpumem.log 2>/dev/null | tail -1 > "$OUT"/gpu_mib_max.txt; }
+snap() {  # the device tool returns at most 8 files: every log in one archive, the results beside it
+  sort -n /tmp/gpumem.log 2>/dev/null | tail -1 > /tmp/bm/gpu_mib_max.txt
+  tar czf "$OUT"/logs.tgz -C /tmp bm 2>/dev/null
+  for f in model.json compile.json latency.png tiny_validate.json; do [ -f /tmp/bm/$f ] && cp /tmp/bm/$f "$OUT"/; done
+}
 waitfor() { while [ ! -f /tmp/$1.done ] && [ "$(left)" -gt 15 ]; do sleep 5; snap; done; }
 stages() { tr '\r' '\n' < "$1" | grep -E "done|Error|error|rc=" | tail -"${2:-20}"; }
 v4run_bin() { [ -s /tmp/v4run.path ] && cat /tmp/v4run.path; }
@@ -48,19 +53,19 @@ start)
     < /dev/null > /dev/null 2>&1 &
   (TRITON_INTERPRET=0 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/plugins/test_tensorrt_aot_gpu.py \
      tests/model/test_reference_model.py tests/runtime/test_weights.py tests/targets/test_kv_layout_gpu.py \
-     > "$OUT"/gpu_tests.log 2>&1; echo rc=$? >> "$OUT"/gpu_tests.log) &
+     > /tmp/bm/gpu_tests.log 2>&1; echo rc=$? >> /tmp/bm/gpu_tests.log) &
   GT=$!
   el "tiny fp8 build (production layout, check on, --trace)"
   timeout $(( $(left) - 120 )) $V build --preset tiny --target h200 --precision fp8 --trace -o /tmp/t \
-    > "$OUT"/tiny_build.log 2>&1; el "tiny build rc=$?"
-  grep -n -i "aligned\|Traceback\|Error" "$OUT"/tiny_build.log | head -10
+    > /tmp/bm/tiny_build.log 2>&1; el "tiny build rc=$?"
+  grep -n -i "aligned\|Traceback\|Error" /tmp/bm/tiny_build.log | head -10
   python3 -c "import json; m = json.load(open('/tmp/t/manifest.json')); p = m['parity'] or {}; \
 print({k: v for k, v in p.items()}); print(m['build']['stage_seconds'])" 2>&1 | tail -2
-  timeout 90 $V validate /tmp/t --steps 4 --json > "$OUT"/tiny_validate.json 2> "$OUT"/tiny_validate.err
-  el "validate rc=$?"; tail -2 "$OUT"/tiny_validate.err
+  timeout 90 $V validate /tmp/t --steps 4 --json > /tmp/bm/tiny_validate.json 2> /tmp/bm/tiny_validate.err
+  el "validate rc=$?"; tail -2 /tmp/bm/tiny_validate.err
   $V run /tmp/t $PROMPT --json 2>&1 | tail -1
   [ -n "$(v4run_bin)" ] && timeout 60 "$(v4run_bin)" /tmp/t $PROMPT 2>&1 | tail -1
-  wait $GT; el "gpu tests: $(tail -2 "$OUT"/gpu_tests.log | tr '\n' ' ')"
+  wait $GT; el "gpu tests: $(tail -2 /tmp/bm/gpu_tests.log | tr '\n' ' ')"
   el "bench build so far:"; stages /tmp/bm/build.log
   ;;
 bench)
@@ -87,5 +92,5 @@ print(m['kernels'])"
   echo "usage: bash scripts/gpu_session.sh start|bench" >&2; exit 2 ;;
 esac
 snap
-echo "gpu MiB max: $(cat "$OUT"/gpu_mib_max.txt 2>/dev/null)"; df -h /tmp | tail -1
+echo "gpu MiB max: $(cat /tmp/bm/gpu_mib_max.txt 2>/dev/null)"; df -h /tmp | tail -1
 el end
