@@ -207,11 +207,22 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
 
 
-def test_seeded_init_is_drawn_on_the_model_device():
-    """The CPU model holds init_state_dict's CPU draw; the draw follows the model's device (tensor by tensor)."""
+def test_seeded_init_is_drawn_on_the_model_device(monkeypatch):
+    """The model asks random_tensors for its own device's draw (not the CPU default), and the CPU model holds
+    init_state_dict's CPU draw bit for bit."""
+    from v4compile.model import init
+
     cfg = ModelConfig.preset("tiny")
     want = init_state_dict(cfg, 0)
+    asked, real = [], init.random_tensors
+
+    def recording(cfg, seed, device=None):
+        asked.append(device)
+        return real(cfg, seed, device)
+
+    monkeypatch.setattr(init, "random_tensors", recording)
     got = ReferenceModel(cfg, dtype=torch.float32, device="cpu").state_dict()
+    assert asked == [torch.device("cpu")]
     assert all(torch.equal(_bits(got[k]), _bits(want[k])) for k in want)
 
 

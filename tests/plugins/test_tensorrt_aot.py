@@ -306,8 +306,9 @@ def test_entry_kernels_compile_with_integer_arguments_specialised_to_one():
     an H100 in session 8). Every V4-Flash entry compiled with all its int32 arguments as constexpr 1."""
     seen, cases = set(), []
     for label, name, shapes, dtypes, attrs in _all_cases(2, 3, FLASH, "bfloat16"):
-        if (name, json.dumps(attrs, sort_keys=True)) not in seen:
-            seen.add((name, json.dumps(attrs, sort_keys=True)))
+        key = (name, json.dumps(attrs, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
             cases.append((label, name, shapes, dtypes, attrs))
     results = compile_cases(cases, ints_as_one=True)
     assert {r["name"] for r in results} == {n for _, n, *_ in cases} and len(results) >= 8

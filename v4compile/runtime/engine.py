@@ -8,13 +8,14 @@ the caches are updated in place. A Session owns one cache set for `batch` sequen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -101,24 +102,18 @@ class Session:
         return [t[lo:hi] for t in self.caches]
 
 
-class _staged:
-    """Context: `caches` where every tensor starts at INPUT_ALIGN; a view that does not is replaced by an aligned
-    copy for the call and copied back into the view after it (the model's in-place writes land). Yields the list
-    itself when nothing needed staging."""
-
-    def __init__(self, caches: list[Tensor]) -> None:
-        self.caches = caches
-        self.copies = {i: t.clone() for i, t in enumerate(caches) if t.data_ptr() % INPUT_ALIGN}
-
-    def __enter__(self) -> list[Tensor]:
-        if not self.copies:
-            return self.caches
-        return [self.copies.get(i, t) for i, t in enumerate(self.caches)]
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is None:
-            for i, c in self.copies.items():
-                self.caches[i].copy_(c)
+@contextlib.contextmanager
+def _staged(caches: list[Tensor]) -> Iterator[list[Tensor]]:
+    """`caches` where every tensor starts at INPUT_ALIGN: a view that does not is replaced by an aligned copy for
+    the call and copied back into the view after it (the model's in-place writes land). Yields the list itself
+    when nothing needs staging."""
+    copies = {i: t.clone() for i, t in enumerate(caches) if t.data_ptr() % INPUT_ALIGN}
+    if not copies:
+        yield caches
+        return
+    yield [copies.get(i, t) for i, t in enumerate(caches)]
+    for i, c in copies.items():
+        caches[i].copy_(c)
 
 
 class Engine:
