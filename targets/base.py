@@ -28,7 +28,7 @@ class Target:
     device: str  # torch device type the engine runs on
     precisions: tuple[str, ...]  # precisions `build` accepts for this target
     kernel_policy: str  # "decompose" | "registry"
-    tested: bool  # False: described here, never built and run by this project's tests
+    tested: bool  # True: CI builds and runs its engines; False: only GPU runs outside CI do (notes says which)
     separate_decode: bool  # False: "decode" is the prefill program (dynamic T) packaged under both names
     max_batch: int = 256  # limits a build may ask for
     max_len: int = 1 << 20

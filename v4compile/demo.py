@@ -79,12 +79,13 @@ def _eager_answers(precision: str, contexts: tuple[int, ...], n_queries: int) ->
 
 
 def demo_engine(target: str, precision: str, max_len: int, *, rebuild: bool = False,
-                console: Console | None = None) -> tuple[Path, bool]:
+                console: Console | None = None, out: Path | None = None) -> tuple[Path, bool]:
     """The cached engine of the shipped model for (target, precision); builds it when missing or unloadable.
+    `out`: its cache directory when the caller already has it (`_engine_dir` hashes the checkpoint's bytes).
     Returns (engine dir, whether it was built now)."""
     from v4compile.api import build, load_engine
 
-    out = _engine_dir(target, precision, max_len)
+    out = out or _engine_dir(target, precision, max_len)
     if out.exists() and not rebuild:
         try:
             load_engine(out)
@@ -121,14 +122,15 @@ def run_demo(target: str | None = None, precision: str | None = None, contexts: 
     console.print(f"[bold]v4compile demo[/bold]: shipped retrieval model ({DEMO_CHECKPOINT.name}), target "
                   f"{target}, precision {precision}")
     eager_job = None
-    if target == "cpu" and (rebuild or not _engine_dir(target, precision, max_len).exists()):
+    cached = _engine_dir(target, precision, max_len)
+    if target == "cpu" and (rebuild or not cached.exists()):
         import concurrent.futures
         import multiprocessing
 
         pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         eager_job = pool.submit(_eager_answers, precision, tuple(contexts), n_queries)
         pool.shutdown(wait=False)
-    path, built = demo_engine(target, precision, max_len, rebuild=rebuild, console=console)
+    path, built = demo_engine(target, precision, max_len, rebuild=rebuild, console=console, out=cached)
     result["engine"], result["built"] = str(path), built
     result["build_or_load_s"] = round(time.perf_counter() - t0, 1)
     console.print(("built" if built else "loaded cached") + f" engine {path} ({result['build_or_load_s']} s)")
