@@ -8,6 +8,8 @@
 #                                       # one run, no torch.compile); v4run + run on the bench engine; then a
 #                                       # torch.compile-only bench model in the background (call again to collect)
 #
+#   QUICK=1 ... start                   # only the two background builds (then `bench` in the same call: short budgets)
+#
 # Logs go to /tmp/bm and, packed as logs.tgz with the JSON / plot beside it, to $OUT (the device tool's folder;
 # ./gpu_out elsewhere). DL: seconds this call may use (570).
 # BENCH_SOURCE / BENCH_TARGET / BENCH_LIMITS / CONTEXTS / PREFILL replace the bench engine's preset, target,
@@ -51,6 +53,7 @@ start)
   [ -f /tmp/build.started ] || bg build "$BUILD"
   setsid bash -c "python3 -m v4compile.runtime.cpp_build /tmp/v4run-build > /tmp/v4run.path 2> /tmp/bm/cpp_build.log" \
     < /dev/null > /dev/null 2>&1 &
+  if [ -n "${QUICK:-}" ]; then el "QUICK: bench build and v4run build only"; snap; el end; exit 0; fi
   (TRITON_INTERPRET=0 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/plugins/test_tensorrt_aot_gpu.py \
      tests/model/test_reference_model.py tests/runtime/test_weights.py tests/targets/test_kv_layout_gpu.py \
      > /tmp/bm/gpu_tests.log 2>&1; echo rc=$? >> /tmp/bm/gpu_tests.log) &
