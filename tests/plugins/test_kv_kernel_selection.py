@@ -61,3 +61,24 @@ def test_what_the_kernels_cannot_take_falls_back(fake):
     assert lookup("v4::sparse_attention_fp8", "h200", *attention_args(fake, q_dtype=torch.float32)) is None
     assert lookup("v4::sparse_attention_fp8", "cpu", *attention_args(fake)) is None  # cpu decomposes every op
     assert lookup("v4::indexer_scores_fp4", "h200", *indexer_args(fake, q_dtype=torch.float16)) is None
+
+
+def compress_packed_args(fake, ratio, rotate, D, rope=FLASH.rope_head_dim, scale_rows=None):
+    """v4::compress_packed's arguments at decode (T = 1) for a cache of CTX positions."""
+    c = 2 if ratio == 4 else 1
+    f32, u8, n = torch.float32, torch.uint8, CTX // ratio + 1
+    width, sw = (D // 2, D // 32) if rotate else (D + rope, 8)
+    return (fake(B, T, c * D, dtype=f32), fake(B, T, c * D, dtype=f32), fake(ratio, c * D, dtype=f32),
+            fake(D, dtype=torch.bfloat16), fake(rope // 2, dtype=f32), fake(B, dtype=torch.int64),
+            fake(B, c * ratio, c * D, dtype=f32), fake(B, c * ratio, c * D, dtype=f32),
+            fake(B, n, width, dtype=u8), fake(B, scale_rows or n, sw, dtype=u8), ratio, 1e-6, rotate)
+
+
+@pytest.mark.parametrize("ratio,rotate,D", [(4, False, FLASH.head_dim), (4, True, FLASH.index_head_dim),
+                                            (128, False, FLASH.head_dim)])
+def test_compress_packed_selects_its_triton_kernel(fake, ratio, rotate, D):
+    entry = lookup("v4::compress_packed", "h200", *compress_packed_args(fake, ratio, rotate, D))
+    assert entry is not None and entry.name == "v4triton::compress_packed"
+    assert entry.fn is torch.ops.v4triton.compress_packed.default
+    assert lookup("v4::compress_packed", "h200", *compress_packed_args(fake, ratio, rotate, D, scale_rows=7)) is None
+    assert lookup("v4::compress_packed", "cpu", *compress_packed_args(fake, ratio, rotate, D)) is None

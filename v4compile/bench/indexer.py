@@ -228,7 +228,7 @@ def indexer_prefill(ceil: Ceilings, opt: Any, *, T: int, bench: str, check_rows:
 _KINDS = {"csa": (4, 512, False), "csa_indexer": (4, 128, True), "hca": (128, 512, False)}
 
 
-def _compress_inputs(kind: str, B: int, T: int, start: int, n_blocks: int, seed: int = 0):
+def _compress_inputs(kind: str, B: int, T: int, start: int, n_blocks: int, seed: int = 0, packed: bool = False):
     from v4compile.model.rope import rope_inv_freq
 
     m, D, rotate = _KINDS[kind]
@@ -242,42 +242,79 @@ def _compress_inputs(kind: str, B: int, T: int, start: int, n_blocks: int, seed:
     inv_freq = rope_inv_freq(64, 160000.0, yarn=True, factor=16, original_seq_len=65536, device=dev)
     start_pos = torch.full((B,), start, device=dev, dtype=torch.int64)
     state = [torch.randn(B, c * m, c * D, device=dev, generator=g),
-             torch.randn(B, c * m, c * D, device=dev, generator=g),
-             torch.zeros(B, n_blocks + 1, D, device=dev, dtype=torch.bfloat16)]
+             torch.randn(B, c * m, c * D, device=dev, generator=g)]
+    if packed:  # production layout (model/cache.py): uint8 data rows + their scale bytes
+        width, sw = _packed_row_bytes(kind)
+        state += [torch.zeros(B, n_blocks + 1, width, device=dev, dtype=torch.uint8),
+                  torch.zeros(B, n_blocks + 1, sw, device=dev, dtype=torch.uint8)]
+    else:
+        state.append(torch.zeros(B, n_blocks + 1, D, device=dev, dtype=torch.bfloat16))
     return (kv, gate, ape, norm_w, inv_freq, start_pos), state, (m, 1e-6, rotate)
 
 
-def _compress_bytes(kind: str, B: int, T: int) -> float:
+def _packed_row_bytes(kind: str) -> tuple[int, int]:
+    """(data bytes, scale bytes) of one production-layout row: 576 + 8 (KV), 64 + 4 (indexer key)."""
+    m, D, rotate = _KINDS[kind]
+    return (D // 2, D // 32) if rotate else (D + 64, 8)
+
+
+def _compress_bytes(kind: str, B: int, T: int, packed: bool = False) -> float:
     m, D, _ = _KINDS[kind]
     c = 2 if m == 4 else 1
     blocks = B * max(T // m, 1)
     state = 0 if T >= c * m else 2 * 2 * B * c * m * c * D * 4  # decode: read + write both state tensors
-    return 2 * B * T * c * D * 4 + state + blocks * D * 2
+    row = sum(_packed_row_bytes(kind)) if packed else D * 2
+    return 2 * B * T * c * D * 4 + state + blocks * row
 
 
-def compressor(ceil: Ceilings, opt: Any, *, kind: str, B: int, T: int, bench: str) -> list[Row]:
-    """Decode (T = 1 at a block-completing position) or prefill (T tokens from 0) of one compressor."""
+def compressor(ceil: Ceilings, opt: Any, *, kind: str, B: int, T: int, bench: str, packed: bool = False) -> list[Row]:
+    """Decode (T = 1 at a block-completing position) or prefill (T tokens from 0) of one compressor; `packed`:
+    into production-layout caches (v4::compress_packed), timed also against torch.compile of its reference
+    body (what a GPU engine ran before this kernel existed)."""
     import v4compile.model.ops  # noqa: F401
     from v4compile.plugins.triton import compressor as ck
 
     m = _KINDS[kind][0]
     start = m - 1 if T == 1 else 0
     n_blocks = max(T // m, 1) + 1
-    inp, state, tail = _compress_inputs(kind, B, T, start, n_blocks)
+    inp, state, tail = _compress_inputs(kind, B, T, start, n_blocks, packed=packed)
+    ref_op = torch.ops.v4.compress_packed if packed else torch.ops.v4.compress
+    launch = ck.compress_packed_launch if packed else ck.compress_launch
     ref_state = [t.clone() for t in state]
-    torch.ops.v4.compress(*inp, *ref_state, *tail)
+    ref_op(*inp, *ref_state, *tail)
     ker_state = [t.clone() for t in state]
-    ck.compress_launch(*inp, *ker_state, *tail)
+    launch(*inp, *ker_state, *tail)
     states_equal = bool(torch.equal(ker_state[0], ref_state[0]) and torch.equal(ker_state[1], ref_state[1]))
-    check = calc_diff(ker_state[2][:, :-1], ref_state[2][:, :-1])
-    exact = float((ker_state[2][:, :-1] == ref_state[2][:, :-1]).float().mean())
-    nbytes = _compress_bytes(kind, B, T)
+    if packed:  # bytes: exact fraction over data and scales; check on the decoded rows
+        from v4compile.quant.kv_layout import unpack_index_rows, unpack_kv_rows
+
+        rotate = tail[2]
+        dec = [unpack_index_rows(t[2][:, :-1], t[3][:, :-1], torch.float32) if rotate else
+               unpack_kv_rows(t[2][:, :-1], t[3][:, :-1], 64, torch.float32) for t in (ker_state, ref_state)]
+        check = calc_diff(dec[0], dec[1])
+        same = sum(int((ker_state[i][:, :-1] == ref_state[i][:, :-1]).sum()) for i in (2, 3))
+        exact = same / sum(ref_state[i][:, :-1].numel() for i in (2, 3))
+    else:
+        check = calc_diff(ker_state[2][:, :-1], ref_state[2][:, :-1])
+        exact = float((ker_state[2][:, :-1] == ref_state[2][:, :-1]).float().mean())
+    nbytes = _compress_bytes(kind, B, T, packed)
     fl = floor_us(nbytes, 0.0, ceil)
     work = [t.clone() for t in state]  # timing reruns the same call; the state contents do not change the cost
     extra = dict(states_equal=states_equal, cache_exact_fraction=exact)
-    rows = [Row(bench, "triton", time_us(lambda: ck.compress_launch(*inp, *work, *tail), cudagraph=T == 1),
+    rows = [Row(bench, "triton", time_us(lambda: launch(*inp, *work, *tail), cudagraph=T == 1),
                 0.0, nbytes, fl, check, extra)]
-    rows.append(Row(bench, "eager", time_us(lambda: torch.ops.v4.compress(*inp, *work, *tail)), 0.0, nbytes, fl))
+    rows.append(Row(bench, "eager", time_us(lambda: ref_op(*inp, *work, *tail)), 0.0, nbytes, fl))
+    if packed:
+        from v4compile.model.ops import BODIES
+
+        body = torch.compile(BODIES["compress_packed"], dynamic=False)
+        try:
+            body(*inp, *[t.clone() for t in state], *tail)
+            rows.append(Row(bench, "torch_compile", time_us(lambda: body(*inp, *work, *tail), cudagraph=T == 1),
+                            0.0, nbytes, fl))
+        except Exception as e:  # record why, keep the other rows
+            rows.append(Row(bench, "torch_compile", float("nan"), 0.0, nbytes, fl,
+                            extra=dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")))
     return rows
 
 
@@ -296,4 +333,12 @@ def bench_specs(spec_cls) -> list:
         spec_cls("compress_csa_prefill_16k", compressor, "compressor", dict(kind="csa", B=1, T=16384)),
         spec_cls("compress_idx_prefill_16k", compressor, "compressor", dict(kind="csa_indexer", B=1, T=16384)),
         spec_cls("compress_hca_prefill_16k", compressor, "compressor", dict(kind="hca", B=1, T=16384)),
+        spec_cls("compress_csa_decode_b64_packed", compressor, "compressor", dict(kind="csa", B=64, T=1, packed=True)),
+        spec_cls("compress_idx_decode_b64_packed", compressor, "compressor",
+                 dict(kind="csa_indexer", B=64, T=1, packed=True)),
+        spec_cls("compress_hca_decode_b64_packed", compressor, "compressor", dict(kind="hca", B=64, T=1, packed=True)),
+        spec_cls("compress_csa_prefill_16k_packed", compressor, "compressor",
+                 dict(kind="csa", B=1, T=16384, packed=True)),
+        spec_cls("compress_hca_prefill_16k_packed", compressor, "compressor",
+                 dict(kind="hca", B=1, T=16384, packed=True)),
     ]
