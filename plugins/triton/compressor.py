@@ -11,9 +11,11 @@ every sequence over a chunk of T tokens starting at its own start_pos. Two kerne
      projections with a per-channel online softmax in fp32, then act cast, RMSNorm, RoPE at the block start,
      and FP8 fake-quant of the nope channels (or Hadamard + FP4 fake-quant of all channels), and writes the
      cache row. Blocks that do not complete, or lie past the cache (j >= n_blocks), write nothing.
-  2. `_state_kernel`, one program per (sequence, channel block): rewrites all S state rows (previous block and
-     the incomplete block's tokens; rows of absent tokens get kv 0 and score -inf). It runs after the pool
-     kernel, which reads the old rows; inside a program all reads precede a barrier before the writes.
+  2. `_state_kernel`, one program per (sequence, channel block): rewrites the S state rows (previous block and
+     the incomplete block's tokens; rows of absent tokens get kv 0 and score -inf); when the chunk crosses no
+     block boundary only its own tokens' rows (the others already hold what they would be rewritten with).
+     It runs after the pool kernel, which reads the old rows; inside a program all reads precede a barrier
+     before the writes.
 `_pool_packed_kernel` replaces pass 1 for production-layout caches (v4::compress_packed): the same bf16 entry,
 stored as the bytes quant/kv_layout.py's pack_kv_rows / pack_index_rows give it (e4m3 nope codes + bf16 RoPE
 bytes + UE8M0 scale bytes, or packed e2m1 indexer keys + their scales).
@@ -313,8 +315,12 @@ def _state_kernel(kvp_ptr, gp_ptr, ape_ptr, start_ptr, kvs_ptr, scs_ptr, T,
     ok = (i < S) & (t >= 0) & (t < e) & (in_chunk | (srow >= 0))
     crow = tl.where(in_chunk, t - s, 0)
     srow = tl.where(in_chunk, 0, srow)
+    # No block boundary crossed (q0' == q0): every row keeps its position, so only the rows of this chunk's tokens
+    # change; the others (earlier tokens, or absent: already kv 0 / score -inf) are neither read nor rewritten.
+    # A decode step that completes no block writes one row instead of S (HCA: 1 of 128).
+    keep = (e - e % M == q0) & ~(ok & in_chunk)
     cm = (ok & in_chunk)[:, None] & cmask[None, :]
-    sm = (ok & ~in_chunk)[:, None] & cmask[None, :]
+    sm = (ok & ~in_chunk & ~keep)[:, None] & cmask[None, :]
     kv = tl.load(kvp_ptr + b * sk_b + crow[:, None] * sk_t + offs_c[None, :], mask=cm, other=0.0)
     sc = tl.load(gp_ptr + b * sg_b + crow[:, None] * sg_t + offs_c[None, :], mask=cm, other=0.0)
     sc += tl.load(ape_ptr + (t % M)[:, None] * CW + offs_c[None, :], mask=cm, other=0.0)
@@ -323,7 +329,7 @@ def _state_kernel(kvp_ptr, gp_ptr, ape_ptr, start_ptr, kvs_ptr, scs_ptr, T,
     sc = tl.where(ok[:, None], sc, float("-inf"))
     tl.debug_barrier()  # every old row of this channel block is read before any is overwritten
     dst = b * ss_b + i[:, None] * CW + offs_c[None, :]
-    wm = (i < S)[:, None] & cmask[None, :]
+    wm = ((i < S) & ~keep)[:, None] & cmask[None, :]
     tl.store(kvs_ptr + dst, kv, mask=wm)
     tl.store(scs_ptr + dst, sc, mask=wm)
 

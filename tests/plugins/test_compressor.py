@@ -319,3 +319,31 @@ def test_compress_packed_gpu_matches_the_reference(m, D, rotate):
         flips = int((dec[0] != dec[1]).sum())
         assert flips <= 0.01 * dec[1].numel(), f"{flips} of {dec[1].numel()} decoded values differ"
         start = start + T
+
+
+@pytest.mark.parametrize("m", [4, 16])
+def test_a_step_inside_a_block_rewrites_only_its_token_row(m):
+    """The state pass writes only the rows of the chunk's tokens when no block boundary is crossed: every other row
+    keeps what it holds (here a sentinel), and the new row equals the reference's; a block-completing step rewrites
+    all rows."""
+    D, R, B = 128, 64, 1
+    c = 2 if m == 4 else 1
+    ape, norm_w, inv_freq, st, g = _state(B, m, D, R, 8, torch.float32, 1)
+    start = torch.tensor([1])
+    kv, gate = torch.randn(B, 1, c * D, generator=g), torch.randn(B, 1, c * D, generator=g)
+    ref = [t.clone() for t in st]
+    REF(kv, gate, ape, norm_w, inv_freq, start, *ref, m, 1e-6, False)
+    row = (c - 1) * m + 1  # position 1's row
+    sentinel = [t.clone() for t in st]
+    for t in sentinel[:2]:
+        t[:, [i for i in range(c * m) if i != row]] = 7.0
+    ck.compress_launch(kv, gate, ape, norm_w, inv_freq, start, *sentinel, m, 1e-6, False)
+    for k in (0, 1):
+        assert torch.equal(sentinel[k][:, row], ref[k][:, row])
+        others = [i for i in range(c * m) if i != row]
+        assert (sentinel[k][:, others] == 7.0).all(), "a row outside the chunk was rewritten"
+    done = [t.clone() for t in st]  # completing step (position m - 1): the new block's rows are all rewritten
+    for t in done[:2]:
+        t[:] = 7.0
+    ck.compress_launch(kv, gate, ape, norm_w, inv_freq, torch.tensor([m - 1]), *done, m, 1e-6, False)
+    assert (done[1][:, (c - 1) * m:] == -math.inf).all()

@@ -267,19 +267,27 @@ def _compress_bytes(kind: str, B: int, T: int, packed: bool = False) -> float:
     return 2 * B * T * c * D * 4 + state + blocks * row
 
 
-def compressor(ceil: Ceilings, opt: Any, *, kind: str, B: int, T: int, bench: str, packed: bool = False) -> list[Row]:
-    """Decode (T = 1 at a block-completing position) or prefill (T tokens from 0) of one compressor; `packed`:
-    into production-layout caches (v4::compress_packed), timed also against torch.compile of its reference
-    body (what a GPU engine ran before this kernel existed)."""
+def compressor(ceil: Ceilings, opt: Any, *, kind: str, B: int, T: int, bench: str, packed: bool = False,
+               mid_block: bool = False) -> list[Row]:
+    """Decode (T = 1 at a block-completing position, or with `mid_block` at one inside a block: the common step,
+    which writes one state row) or prefill (T tokens from 0) of one compressor; `packed`: into production-layout
+    caches (v4::compress_packed), timed also against torch.compile of its reference body (what a GPU engine ran
+    before this kernel existed)."""
     import v4compile.model.ops  # noqa: F401
     from v4compile.plugins.triton import compressor as ck
 
     m = _KINDS[kind][0]
-    start = m - 1 if T == 1 else 0
+    start = (m // 2 if mid_block else m - 1) if T == 1 else 0
     n_blocks = max(T // m, 1) + 1
     inp, state, tail = _compress_inputs(kind, B, T, start, n_blocks, packed=packed)
     ref_op = torch.ops.v4.compress_packed if packed else torch.ops.v4.compress
     launch = ck.compress_packed_launch if packed else ck.compress_launch
+    if mid_block:  # a state as the model leaves it after `start` tokens (absent rows kv 0 / score -inf)
+        c = 2 if m == 4 else 1
+        state[0].zero_()
+        state[1].fill_(float("-inf"))
+        prefix = [torch.randn(B, start, c * _KINDS[kind][1], device=inp[0].device) for _ in range(2)]
+        ref_op(*prefix, *inp[2:5], torch.zeros_like(inp[5]), *state, *tail)
     ref_state = [t.clone() for t in state]
     ref_op(*inp, *ref_state, *tail)
     ker_state = [t.clone() for t in state]
@@ -333,6 +341,7 @@ def bench_specs(spec_cls) -> list:
         spec_cls("compress_csa_prefill_16k", compressor, "compressor", dict(kind="csa", B=1, T=16384)),
         spec_cls("compress_idx_prefill_16k", compressor, "compressor", dict(kind="csa_indexer", B=1, T=16384)),
         spec_cls("compress_hca_prefill_16k", compressor, "compressor", dict(kind="hca", B=1, T=16384)),
+        spec_cls("compress_hca_decode_b64_mid", compressor, "compressor", dict(kind="hca", B=64, T=1, mid_block=True)),
         spec_cls("compress_csa_decode_b64_packed", compressor, "compressor", dict(kind="csa", B=64, T=1, packed=True)),
         spec_cls("compress_idx_decode_b64_packed", compressor, "compressor",
                  dict(kind="csa_indexer", B=64, T=1, packed=True)),

@@ -337,7 +337,8 @@ def compress(kv_proj: Tensor, gate_proj: Tensor, ape: Tensor, norm_weight: Tenso
 
     kv_proj, gate_proj f32 [B, T, c D] (x W^T of this chunk, no ape), ape f32 [m, c D], norm_weight [D],
     inv_freq f32 [R/2], start_pos int [B] (position of the chunk's first token, per sequence),
-    kv_state / score_state f32 [B, c m, c D] (mutated; score rows of absent tokens are -inf),
+    kv_state / score_state f32 [B, c m, c D] (mutated; rows of absent tokens hold kv 0 and score -inf, as
+    Cache.allocate and reset leave them and every call keeps them: the GPU kernel rewrites only rows that change),
     cache act [B, n_blocks + 1, D] (mutated; the LAST row is scratch that absorbs masked writes),
     ratio m (4 = overlapping CSA: c = 2), rotate: indexer variant (Hadamard + FP4 instead of FP8 nope).
 
