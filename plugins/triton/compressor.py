@@ -82,17 +82,23 @@ def _round_e2m1(v):
 
 
 @triton.jit
+def _block_exponent(xb, QMAX: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """Rows of blocks [nb, BLK] -> (UE8M0 exponent byte of each block's scale as int32, exact 1 / scale):
+    quant.formats.ue8m0_scale of the block's amax, from the float bits."""
+    amax = tl.maximum(tl.max(tl.abs(xb), axis=1), MIN_AMAX)
+    bits = (amax * (1.0 / QMAX)).to(tl.uint32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.uint32)
+    return e.to(tl.int32), ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _fake_quant(x, DP: tl.constexpr, BLK: tl.constexpr, QMAX: tl.constexpr, MIN_AMAX: tl.constexpr,
                 FP4: tl.constexpr):
     """Per-BLK-channel power-of-two scale 2^ceil(log2(amax * fp32(1/QMAX))) (exponent from the fp32 bits),
     round x / s to e4m3 (or e2m1), times s; x fp32 [DP] -> fp32 [DP]."""
     xb = tl.reshape(x, (DP // BLK, BLK))
-    amax = tl.maximum(tl.max(tl.abs(xb), axis=1), MIN_AMAX)
-    r = amax * (1.0 / QMAX)
-    bits = r.to(tl.uint32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.uint32)
+    e, inv = _block_exponent(xb, QMAX, MIN_AMAX)
     scale = (e << 23).to(tl.float32, bitcast=True)
-    inv = ((254 - e) << 23).to(tl.float32, bitcast=True)  # exact 1 / scale
     v = tl.minimum(tl.maximum(xb * inv[:, None], -QMAX), QMAX)
     if FP4:
         v = _round_e2m1(v)
@@ -240,16 +246,6 @@ def _e2m1_code(v):
     big = (((bits >> 23) & 0xFF).to(tl.int32) - 126) * 2 + ((bits >> 22) & 1).to(tl.int32)  # 1 -> 2 .. 6 -> 7
     code = tl.where(a >= 1.0, big, (a * 2.0).to(tl.int32))
     return code | ((bits >> 31).to(tl.int32) << 3)
-
-
-@triton.jit
-def _block_exponent(xb, QMAX: tl.constexpr, MIN_AMAX: tl.constexpr):
-    """Rows of blocks [nb, BLK] -> (UE8M0 exponent byte of each block's scale as int32, exact 1 / scale):
-    quant.formats.ue8m0_scale of the block's amax, from the float bits."""
-    amax = tl.maximum(tl.max(tl.abs(xb), axis=1), MIN_AMAX)
-    bits = (amax * (1.0 / QMAX)).to(tl.uint32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.uint32)
-    return e.to(tl.int32), ((254 - e) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
