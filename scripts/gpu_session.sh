@@ -9,6 +9,7 @@
 #                                       # torch.compile-only bench model in the background (call again to collect)
 #
 #   QUICK=1 ... start                   # only the two background builds (then `bench` in the same call: short budgets)
+#   NO_BENCH_BUILD=1 KBENCH=compressor ... start   # no bench build; then `bench kernels compressor` after the tests
 #
 # Logs go to /tmp/bm and, packed as logs.tgz with the JSON / plot beside it, to $OUT (the device tool's folder;
 # ./gpu_out elsewhere). DL: seconds this call may use (570).
@@ -38,7 +39,7 @@ bg() {  # bg NAME COMMAND: run under setsid, log /tmp/bm/NAME.log, /tmp/NAME.don
 snap() {  # the device tool returns at most 8 files: every log in one archive, the results beside it
   sort -n /tmp/gpumem.log 2>/dev/null | tail -1 > /tmp/bm/gpu_mib_max.txt
   tar czf "$OUT"/logs.tgz -C /tmp bm 2>/dev/null
-  for f in model.json compile.json latency.png tiny_validate.json; do [ -f /tmp/bm/$f ] && cp /tmp/bm/$f "$OUT"/; done
+  for f in model.json compile.json latency.png tiny_validate.json kbench.json; do [ -f /tmp/bm/$f ] && cp /tmp/bm/$f "$OUT"/; done
 }
 waitfor() { while [ ! -f /tmp/$1.done ] && [ "$(left)" -gt 15 ]; do sleep 5; snap; done; }
 stages() { tr '\r' '\n' < "$1" | grep -E "done|Error|error|rc=" | tail -"${2:-20}"; }
@@ -50,7 +51,7 @@ start)
   python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
   setsid bash -c "nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -l 2 > /tmp/gpumem.log" \
     < /dev/null > /dev/null 2>&1 &
-  [ -f /tmp/build.started ] || bg build "$BUILD"
+  [ -f /tmp/build.started ] || [ -n "${NO_BENCH_BUILD:-}" ] || bg build "$BUILD"
   setsid bash -c "python3 -m v4compile.runtime.cpp_build /tmp/v4run-build > /tmp/v4run.path 2> /tmp/bm/cpp_build.log" \
     < /dev/null > /dev/null 2>&1 &
   if [ -n "${QUICK:-}" ]; then el "QUICK: bench build and v4run build only"; snap; el end; exit 0; fi
@@ -70,6 +71,10 @@ print({k: v for k, v in p.items()}); print(m['build']['stage_seconds'])" 2>&1 | 
   $V run /tmp/t $PROMPT --json 2>&1 | tail -1
   [ -n "$(v4run_bin)" ] && timeout 60 "$(v4run_bin)" /tmp/t $PROMPT 2>&1 | tail -1
   wait $GT; el "gpu tests: $(tail -2 /tmp/bm/gpu_tests.log | tr '\n' ' ')"
+  if [ -n "${KBENCH:-}" ] && [ "$(left)" -gt 90 ]; then  # kernel benchmark groups, e.g. KBENCH=compressor
+    timeout $(( $(left) - 30 )) $V bench kernels $KBENCH --json /tmp/bm/kbench.json > /tmp/bm/kbench.log 2>&1
+    el "bench kernels $KBENCH rc=$?"; grep -v "^\s*$" /tmp/bm/kbench.log | tail -40
+  fi
   el "bench build so far:"; stages /tmp/bm/build.log
   ;;
 bench)

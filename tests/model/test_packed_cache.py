@@ -10,7 +10,7 @@ import torch
 
 from v4compile.errors import InputError
 from v4compile.model import ops
-from v4compile.model.cache import Cache
+from v4compile.model.cache import SLOT_ALIGN_ROWS, Cache
 from v4compile.model.config import ModelConfig
 from v4compile.model.kv_bytes import kv_bytes
 from v4compile.model.packed_ops import decode_kv
@@ -41,9 +41,11 @@ def test_production_allocation_fields_dtypes_and_order():
     t = c.named_tensors()
     nope, R, Di = cfg.head_dim - cfg.rope_head_dim, cfg.rope_head_dim, cfg.index_head_dim
     assert t["blocks.1.ring"].shape == (2, cfg.window_size, nope + 2 * R) and t["blocks.1.ring"].dtype == torch.uint8
-    assert t["blocks.2.kv"].shape == (2, MAX_LEN // 16 + 1, nope + 2 * R) and t["blocks.2.kv_scale"].shape[-1] == 8
-    assert t["blocks.3.idx_kv"].shape == (2, MAX_LEN // 4 + 1, Di // 2)
-    assert t["blocks.3.idx_kv_scale"].shape == (2, MAX_LEN // 4 + 1, Di // 32)
+    rows = lambda m: -(-(MAX_LEN // m + 1) // SLOT_ALIGN_ROWS) * SLOT_ALIGN_ROWS  # entries + scratch, padded
+    assert t["blocks.2.kv"].shape == (2, rows(16), nope + 2 * R) and t["blocks.2.kv_scale"].shape[-1] == 8
+    assert t["blocks.3.idx_kv"].shape == (2, rows(4), Di // 2)
+    assert t["blocks.3.idx_kv_scale"].shape == (2, rows(4), Di // 32)
+    assert ref.named_tensors()["blocks.3.idx_kv"].shape[1] == MAX_LEN // 4 + 1  # the reference layout: unpadded
     assert t["blocks.3.kv_state"].dtype == torch.float32 and (t["blocks.3.score_state"] == -math.inf).all()
     assert list(Cache.allocate(cfg, 2, MAX_LEN, torch.bfloat16, layout="production").named_tensors()) == names
 
@@ -126,10 +128,11 @@ def test_packed_read_ops_equal_their_act_dtype_counterparts(model):
         model(tok, 0, ref)
         model(tok, 0, prod)
     lr, lp = ref.layers[1], prod.layers[1]
-    D = cfg.head_dim
-    for a, b, s in ((lr.ring, lp.ring, lp.ring_scale), (lr.kv, lp.kv, lp.kv_scale)):
+    D, N = cfg.head_dim, lr.capacity  # the entries (the production rows add padding before their scratch row)
+    for a, b, s in ((lr.ring, lp.ring, lp.ring_scale), (lr.kv[:, :N], lp.kv[:, :N], lp.kv_scale[:, :N])):
         assert torch.equal(decode_kv(b, s, D, torch.bfloat16).view(torch.int16), a.view(torch.int16))
-    assert torch.equal(unpack_index_rows(lp.idx_kv, lp.idx_kv_scale).view(torch.int16), lr.idx_kv.view(torch.int16))
+    assert torch.equal(unpack_index_rows(lp.idx_kv[:, :N], lp.idx_kv_scale[:, :N]).view(torch.int16),
+                       lr.idx_kv[:, :N].view(torch.int16))
     g = torch.Generator().manual_seed(5)
     q = torch.randn(2, 3, cfg.n_heads, D, generator=g).bfloat16()
     idx = torch.randint(-1, cfg.window_size, (2, 3, 5), generator=g, dtype=torch.int32)
@@ -140,8 +143,8 @@ def test_packed_read_ops_equal_their_act_dtype_counterparts(model):
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     qi = torch.randn(2, 3, cfg.index_n_heads, cfg.index_head_dim, generator=g).bfloat16()
     w, pos = torch.randn(2, 3, cfg.index_n_heads, generator=g).bfloat16(), torch.tensor([[29, 30, 31]] * 2)
-    want = ops.indexer_scores(qi, w, lr.idx_kv, pos, 4)
-    assert torch.equal(torch.ops.v4.indexer_scores_fp4(qi, w, lp.idx_kv, lp.idx_kv_scale, pos, 4), want)
+    want = ops.indexer_scores(qi, w, lr.idx_kv, pos, 4)[..., :N]
+    assert torch.equal(torch.ops.v4.indexer_scores_fp4(qi, w, lp.idx_kv, lp.idx_kv_scale, pos, 4)[..., :N], want)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -165,9 +168,11 @@ def test_eager_logits_and_trace_are_bit_identical_to_the_reference_layout(model)
             out[lay] = (model(tok, sp, cache, trace=trace), trace)
         (a, ta), (b, tb) = out["reference"], out["production"]
         assert torch.equal(bits(a), bits(b)), f"logits differ at start_pos {sp}: {(a - b).abs().max()}"
-        for kind in ("indexer", "indexer_scores"):
-            for layer in ta[kind]:
-                assert torch.equal(ta[kind][layer], tb[kind][layer]), (kind, layer, sp)
+        for layer in ta["indexer"]:
+            assert torch.equal(ta["indexer"][layer], tb["indexer"][layer]), ("indexer", layer, sp)
+            n = ta["indexer_scores"][layer].shape[-1] - 1  # the entries; production rows pad before the scratch
+            assert torch.equal(ta["indexer_scores"][layer][..., :n], tb["indexer_scores"][layer][..., :n]), (layer, sp)
+            assert (tb["indexer_scores"][layer][..., n:] == -math.inf).all()  # padding and scratch never visible
 
     step(torch.randint(0, cfg.vocab_size, (2, 13), generator=g), torch.tensor([0, 0]))  # prefill
     step(torch.randint(0, cfg.vocab_size, (2, 6), generator=g), torch.tensor([13, 13]))  # continuation
@@ -180,9 +185,23 @@ def test_eager_logits_and_trace_are_bit_identical_to_the_reference_layout(model)
     for lr, lp in zip(ref.layers, prod.layers):
         assert torch.equal(bits(decode_kv(lp.ring, lp.ring_scale, cfg.head_dim, torch.bfloat16)), bits(lr.ring))
         if lr.kv is not None:
-            assert torch.equal(bits(decode_kv(lp.kv, lp.kv_scale, cfg.head_dim, torch.bfloat16)[:, :-1]),
-                               bits(lr.kv[:, :-1]))
+            n = lr.capacity
+            assert torch.equal(bits(decode_kv(lp.kv, lp.kv_scale, cfg.head_dim, torch.bfloat16)[:, :n]),
+                               bits(lr.kv[:, :n]))
             assert torch.equal(lp.kv_state, lr.kv_state) and torch.equal(lp.score_state, lr.score_state)
         if lr.idx_kv is not None:
-            assert torch.equal(bits(unpack_index_rows(lp.idx_kv, lp.idx_kv_scale)[:, :-1]), bits(lr.idx_kv[:, :-1]))
+            n = lr.idx_kv.shape[1] - 1
+            assert torch.equal(bits(unpack_index_rows(lp.idx_kv, lp.idx_kv_scale)[:, :n]), bits(lr.idx_kv[:, :n]))
     assert prod.layers[2].kv[:, 1].any(), "the HCA layer's second block (positions 16..31) was not written"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "bench", "flash"])
+@pytest.mark.parametrize("max_len", [256, 1000, 4096])
+def test_every_slot_of_a_production_cache_starts_16_byte_aligned(preset, max_len):
+    """A CUDA AOTInductor model copies an input that starts off 16 bytes and loses its writes to it (session 8):
+    the slot views an engine passes for a subset of its sequences must all start aligned."""
+    cfg = ModelConfig.preset(preset)
+    c = Cache.allocate(cfg, 3, max_len, torch.bfloat16, "meta", "production")
+    off = {n: t.stride(0) * t.element_size() for n, t in c.named_tensors().items()
+           if t.stride(0) * t.element_size() % 16}
+    assert off == {}, f"slot strides in bytes off 16: {off}"

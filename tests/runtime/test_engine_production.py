@@ -85,14 +85,15 @@ def test_logits_match_eager_across_slots_positions_and_a_reused_slot(production_
 def test_slot_views_reach_the_model_aligned_and_their_writes_land(production_engine, monkeypatch):
     """A CUDA AOTInductor model clones an input that does not start at 16 bytes and loses its in-place writes (H100,
     session 8: "Input 17 was compiled as 16-bytes aligned ... Copying"; generate prefills each prompt in its own
-    slot). Here slot 1's view of a uint8 scale cache (9 rows x 8 B per slot) starts 8 bytes off: every tensor the
-    model receives must start aligned anyway (the runtime stages such views), and a prompt prefilled and decoded in
-    slot 1 gives the bit-identical logits of the same prompt in a one-slot session."""
+    slot). Production caches pad their rows so that every slot view starts aligned (model/cache.py
+    SLOT_ALIGN_ROWS): the model receives the session's own views, and a prompt prefilled and decoded in slot 1
+    gives the bit-identical logits of the same prompt in a one-slot session."""
     from v4compile.runtime.engine import INPUT_ALIGN
 
     eng = production_engine
     s = eng.new_session(2)
-    assert any(v.data_ptr() % INPUT_ALIGN for v in s.rows([1]))  # the case this test is about exists
+    for slot in range(2):
+        assert not any(v.data_ptr() % INPUT_ALIGN for v in s.rows([slot])), f"slot {slot} starts off alignment"
     real = dict(eng.models)
 
     def checked(name):
@@ -113,6 +114,23 @@ def test_slot_views_reach_the_model_aligned_and_their_writes_land(production_eng
         assert torch.equal(g, w)
     for t, u in zip(s.rows([1]), alone.caches):  # the writes landed in the session's own slot
         assert torch.equal(t, u)
+
+
+def test_staged_copies_a_misaligned_view_and_writes_it_back():
+    """Engines whose cache rows leave a slot off 16 bytes (built before the padding, or another layout) still get
+    aligned inputs: _staged hands the model an aligned copy and copies its writes back into the view."""
+    from v4compile.runtime.engine import INPUT_ALIGN, _staged
+
+    base = torch.zeros(3, 9, 8, dtype=torch.uint8)  # 72 B per slot: slot 1 starts 8 bytes off
+    aligned, view = base[0:1], base[1:2]
+    assert view.data_ptr() % INPUT_ALIGN and not aligned.data_ptr() % INPUT_ALIGN
+    with _staged([aligned, view]) as got:
+        assert got[0] is aligned and got[1] is not view and not got[1].data_ptr() % INPUT_ALIGN
+        got[1].fill_(5)
+        got[0].fill_(1)
+    assert (base[1] == 5).all() and (base[0] == 1).all() and (base[2] == 0).all()
+    with _staged([aligned]) as same:
+        assert same[0] is aligned
 
 
 def test_cli_run_gives_the_eager_greedy_tokens(production_engine_dir, production_engine, eager_bf16):

@@ -11,8 +11,9 @@ Values are stored already fake-quantised (FP8 nope / FP4 indexer), so a producti
 The "production" layout (V4-SPEC 6.2, quant/kv_layout.py) stores the same values re-encoded in uint8, split
 in a data and a scale tensor per KV source (split, not 584-byte rows: the kernels want 16-byte aligned rows):
   ring [B, W, nope + 2R] + ring_scale [B, W, 8]      e4m3 nope | bf16 RoPE, one UE8M0 byte per 64 nope dims
-  kv   [B, N + 1, nope + 2R] + kv_scale [B, N + 1, 8]   (N = max_len // m, the scratch row stays)
-  idx_kv [B, N + 1, Di/2] + idx_kv_scale [B, N + 1, Di/32]   packed e2m1 + UE8M0 per 32 dims
+  kv   [B, N', nope + 2R] + kv_scale [B, N', 8]   (N = max_len // m; N' = N + 1 rounded up to SLOT_ALIGN_ROWS:
+                                                    padding rows, then the scratch row last)
+  idx_kv [B, N', Di/2] + idx_kv_scale [B, N', Di/32]   packed e2m1 + UE8M0 per 32 dims
 compressor states stay f32. It needs bf16 activations (the RoPE dims are stored bf16: exact only for bf16).
 The model picks its code path from the cache it is given (`LayerCache.packed`).
 `reset(slots)` clears a sequence slot for reuse (score states to -inf), which fixes the official
@@ -32,6 +33,10 @@ from v4compile.model.config import ModelConfig
 from v4compile.model.kv_bytes import LAYOUTS, measured_per_token
 from v4compile.quant.kv_layout import SCALE_BYTES, index_key_bytes
 
+SLOT_ALIGN_ROWS = 16
+"""Production-layout compressed caches have a multiple of this many rows: a slot of a uint8 tensor with rows of any
+byte width then starts 16-byte aligned, as CUDA AOTInductor models require of their inputs (an input that does not
+is copied, and the model's writes to it are lost: runtime/engine.py INPUT_ALIGN)."""
 _SCORE_FIELDS = ("score_state", "idx_score_state")
 _FIELDS = ("ring", "ring_scale", "kv", "kv_scale", "kv_state", "score_state", "idx_kv", "idx_kv_scale",
            "idx_kv_state", "idx_score_state")  # named_tensors order = the engines' cache input order
@@ -111,6 +116,13 @@ class Cache:
         def rows(n: int, width: int = row) -> Tensor:
             return zeros(B, n, width, dt=torch.uint8 if packed else dtype)
 
+        def blocks(m: int) -> int:
+            """Rows of a compressed cache: max_len // m entries + the scratch row (the last), production layout
+            padded to a multiple of SLOT_ALIGN_ROWS so that every sequence slot of its uint8 tensors starts
+            16-byte aligned (runtime/engine.py INPUT_ALIGN); padding rows are never visible."""
+            n = max_len // m + 1
+            return -(-n // SLOT_ALIGN_ROWS) * SLOT_ALIGN_ROWS if packed else n
+
         layers = []
         for i in range(cfg.n_blocks):
             m = cfg.compress_ratios[i]
@@ -119,13 +131,13 @@ class Cache:
                 lc.ring_scale = rows(W, SCALE_BYTES)
             if m:
                 c = 2 if m == 4 else 1
-                lc.kv = rows(max_len // m + 1)
-                lc.kv_scale = rows(max_len // m + 1, SCALE_BYTES) if packed else None
+                lc.kv = rows(blocks(m))
+                lc.kv_scale = rows(blocks(m), SCALE_BYTES) if packed else None
                 lc.kv_state = zeros(B, c * m, c * D, dt=torch.float32)
                 lc.score_state = neg_inf(B, c * m, c * D)
             if m == 4:
-                lc.idx_kv = rows(max_len // 4 + 1, Di // 2 if packed else Di)
-                lc.idx_kv_scale = rows(max_len // 4 + 1, Di // 32) if packed else None
+                lc.idx_kv = rows(blocks(4), Di // 2 if packed else Di)
+                lc.idx_kv_scale = rows(blocks(4), Di // 32) if packed else None
                 lc.idx_kv_state = zeros(B, 8, 2 * Di, dt=torch.float32)
                 lc.idx_score_state = neg_inf(B, 8, 2 * Di)
             layers.append(lc)

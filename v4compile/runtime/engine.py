@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 INPUT_ALIGN = 16
 """Bytes: a CUDA AOTInductor model assumes each tensor input starts at this alignment, and CLONES an input that does
 not (torch/_inductor/codegen/cpp_wrapper_gpu.py, "Copying to an aligned tensor"), so its in-place writes to that
-input are lost. The slot views of a session (Session.rows) of a production-layout cache can start off it: e.g. a
-uint8 scale cache of N rows x 8 B per slot, N odd. Such views are staged (_staged)."""
+input are lost. Production-layout caches pad their rows so that every slot view (Session.rows) starts aligned
+(model/cache.py SLOT_ALIGN_ROWS, since session 10); a view that does not (an engine built before, e.g. a uint8
+scale cache of N rows x 8 B per slot, N odd) is staged (_staged), and its decode runs without a CUDA graph."""
 
 
 @functools.cache
