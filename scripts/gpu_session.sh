@@ -27,7 +27,7 @@ E=/tmp/bench_eng
 SRC=${BENCH_SOURCE:-bench}; TGT=${BENCH_TARGET:-h200}
 BUILD="$V build --preset $SRC --target $TGT --no-check ${BENCH_LIMITS:---precision fp8 --max-batch 64 --max-len 1048576} -o $E"
 CTX="--contexts ${CONTEXTS:-4096,131072,1048576} --batch 1 --steps 8"
-BM1="$V bench model --engine $E $CTX --prefill ${PREFILL:-8192} --no-compile --json /tmp/bm/model.json --plot /tmp/bm/latency.png"
+BM1="$V bench model --engine $E $CTX --prefill ${PREFILL:-8192} --no-compile --profile --json /tmp/bm/model.json --plot /tmp/bm/latency.png"
 BM2="$V bench model --preset $SRC --no-engine --no-eager $CTX --prefill '' --compile --json /tmp/bm/compile.json"
 PROMPT="--prompt-ids 5,17,300,42,9,77,128,3 --max-new-tokens 8"
 

@@ -230,3 +230,16 @@ def test_cli_bench_model_help_and_bad_input():
     assert r.exit_code == 0 and "v4compile bench model" in r.output and "Example" in r.output
     r = CliRunner().invoke(cli_main, ["bench", "model", "--contexts", "2k", "--no-engine"])
     assert r.exit_code == 2 and "'2k'" in r.output, r.output
+
+
+def test_profile_of_the_engine_decode_step(engine_dir, one_thread, capsys):
+    """--profile: the first (batch, context)'s decode step under torch.profiler (CPU operators here), reported in
+    payload["engine"]["profile"] and printed; the engine's decode mode is restored afterwards."""
+    out = run_model_bench(engine=str(engine_dir), contexts=(24,), batches=(1,), prefills=(), steps=1,
+                          eager=False, use_compile=False, profile=True)
+    prof = out["engine"]["profile"]
+    assert (prof["batch"], prof["context"], prof["what"]) == (1, 24, "CPU operators")
+    assert prof["kernels_per_step"] >= 1 and prof["busy_us_per_step"] > 0 and prof["distinct"] >= len(prof["top"]) >= 1
+    assert all(r["count_per_step"] > 0 and r["us_per_step"] >= 0 for r in prof["top"])
+    assert [r["us_per_step"] for r in prof["top"]] == sorted((r["us_per_step"] for r in prof["top"]), reverse=True)
+    assert "us busy per step" in capsys.readouterr().out

@@ -195,8 +195,10 @@ def _payload(ceil: Ceilings, rows: list[Row], meta: dict[str, Any]) -> dict[str,
 
 def _engine_stage(engine: str | None, no_engine: bool, preset: str | None, checkpoint: str | None,
                   target: str | None, precision: str | None, plan: Plan, engine_cache: str | None,
-                  measured: dict[str, Any], log: Any) -> tuple[ModelConfig, str | None, dict, dict, dict, tuple]:
-    """Load / build the engine, time it, free it: (cfg, source, info, decode, prefill, (cache layout, name))."""
+                  measured: dict[str, Any], log: Any, profile: bool = False
+                  ) -> tuple[ModelConfig, str | None, dict, dict, dict, tuple]:
+    """Load / build the engine, time it (and with `profile` its decode step's kernels: info["profile"]), free it:
+    (cfg, source, info, decode, prefill, (cache layout, name))."""
     eng, info = None, {"status": "off", "reason": "--no-engine"}
     if engine and not no_engine:
         from v4compile.api import load_engine
@@ -221,6 +223,16 @@ def _engine_stage(engine: str | None, no_engine: bool, preset: str | None, check
     info.update(status="on", target=m["target"], precision=m.get("precision"), max_batch=eng.max_batch,
                 max_len=eng.max_len, device=str(eng.device))
     decode, prefill = engine_phase(eng, plan, measured, log)
+    if profile:
+        from v4compile.bench.engine_profile import profile_decode
+
+        b, c = plan.batches[0], plan.contexts[0]
+        try:
+            info["profile"] = profile_decode(eng, b, min(c, eng.max_len), plan)
+            log(f"engine decode b{b} ctx{c} profiled: {info['profile']['kernels_per_step']:.0f} "
+                f"{info['profile']['what']} per step, {info['profile']['busy_us_per_step']:.1f} us busy")
+        except (RuntimeError, MemoryError, V4Error) as e:  # the timed rows stay
+            info["profile"] = {"status": "error", "error": first_line(e)}
     layout = (eng.layout, "engine manifest")
     del eng
     gc.collect()
@@ -255,9 +267,10 @@ def run_model_bench(*, preset: str | None = None, checkpoint: str | None = None,
                     steps: int = 8, warmup: int | None = None, eager: bool = True, use_compile: bool | None = None,
                     compile_mode: str = "default", prefill_chunk: int = 0, device: str | None = None,
                     seed: int = 0, json_path: str | None = None, plot: str | None = None,
-                    command: str | None = None, quiet: bool = False) -> dict[str, Any]:
+                    command: str | None = None, quiet: bool = False, profile: bool = False) -> dict[str, Any]:
     """Measure everything (see module doc); returns the JSON payload (also written to `json_path`).
-    use_compile None: torch.compile on a GPU only."""
+    use_compile None: torch.compile on a GPU only. profile: the engine's decode kernels (bench/engine_profile.py)
+    at the first batch and context, in payload["engine"]["profile"]."""
     from rich.console import Console
 
     console = Console(stderr=True, quiet=quiet)
@@ -272,7 +285,8 @@ def run_model_bench(*, preset: str | None = None, checkpoint: str | None = None,
     console.print(f"[bench model] {ceil.device}: copy {ceil.copy_gbps:.1f} GB/s, bf16 {ceil.bf16_tflops:.2f} TFLOP/s")
     measured: dict[str, Any] = {}
     cfg, source, engine_info, e_dec, e_pre, (layout, layout_name) = _engine_stage(
-        engine, no_engine, preset, checkpoint, target, precision, plan, engine_cache, measured, console.print)
+        engine, no_engine, preset, checkpoint, target, precision, plan, engine_cache, measured, console.print,
+        profile)
     compile_off = ("--no-compile" if use_compile is False else
                    "off by default on the CPU (--compile runs it)" if use_compile is None and dev.type == "cpu"
                    else None)
@@ -339,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     ap.add_argument("--plot", help="PNG of latency vs context (needs matplotlib)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the engine's decode kernels at the first batch and context")
     args = sys.argv[1:] if argv is None else list(argv)
     a = ap.parse_args(args)
     if a.no_compile and a.compile:
@@ -348,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                     batches=_ints(a.batch), prefills=_ints(a.prefill), steps=a.steps, warmup=a.warmup,
                     eager=not a.no_eager, use_compile=False if a.no_compile else True if a.compile else None,
                     compile_mode=a.compile_mode, prefill_chunk=a.prefill_chunk, device=a.device, seed=a.seed,
-                    json_path=a.json, plot=a.plot,
+                    json_path=a.json, plot=a.plot, profile=a.profile,
                     command=shlex.join(["v4compile", "bench", "model", *args]))
     return 0
 

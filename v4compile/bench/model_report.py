@@ -82,6 +82,19 @@ def print_report(payload: dict[str, Any]) -> None:
             k.add_row(name, f"{kv[name]:.2f}")
     for table in (t, p, k):
         console.print(table)
+    prof = payload.get("engine", {}).get("profile")
+    if prof and "top" in prof:
+        f = Table(title=f"engine decode b{prof['batch']} ctx{prof['context']}, uncaptured, {prof['steps']} steps: "
+                        f"{prof['kernels_per_step']:.0f} {prof['what']} per step ({prof['distinct']} distinct), "
+                        f"{prof['busy_us_per_step']:.1f} us busy per step")
+        for h in ("name", "per step", "us per step", "share"):
+            f.add_column(h, justify="left" if h == "name" else "right")
+        for r in prof["top"]:
+            f.add_row(r["name"][:90], f"{r['count_per_step']:.1f}", f"{r['us_per_step']:.1f}",
+                      f"{r['us_per_step'] / max(prof['busy_us_per_step'], 1e-9):.1%}")
+        console.print(f)
+    elif prof:
+        console.print(f"engine profile: {prof.get('error')}")
     for line in _notes(payload):
         console.print(f"  {line}")
     if payload.get("command"):
