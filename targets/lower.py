@@ -84,6 +84,11 @@ def sinkhorn_loop(logits: Tensor, iters: int, eps: float) -> Tensor:
     return while_loop(cond, body, (torch.zeros((), dtype=torch.int64, device=m.device), m))[1].reshape(*lead, *hc)
 
 
+NESTED: dict[str, tuple[str, ...]] = {"hc_pre": ("sinkhorn",)}
+"""Unfused ops whose reference bodies call primitives through model.ops BODIES: on registry targets those
+primitives are resolved through the kernel registry while exporting (hc_pre's Sinkhorn gets v4triton::sinkhorn),
+and the manifest lists the op as composed of them."""
+
 CPU_LOOP_BODIES: dict[str, Callable] = {"sinkhorn": sinkhorn_loop}
 """Bodies the cpu target (decompose policy) traces instead of the reference's, also where another body calls
 them through BODIES (hc_pre calls sinkhorn): same numerics, smaller graphs."""
@@ -195,8 +200,9 @@ class _KernelTable(dict):
         self.chosen: dict[str, dict[str, set[str]]] = {}  # fused op -> primitive -> implementations
 
     def composed(self, name: str) -> Callable:
-        """The fused op's body, noting which fused op the primitives it calls belong to."""
-        body = FUSED_BODIES[name]
+        """The fused op's body (or an unfused op's body that calls NESTED primitives), noting which op the
+        primitives it calls belong to."""
+        body = FUSED_BODIES.get(name) or BODIES[name]
 
         def fn(*args, **kwargs):
             self.current = name
@@ -204,16 +210,24 @@ class _KernelTable(dict):
 
         return fn
 
-    def __missing__(self, name: str) -> Callable:
+    def dispatch(self, name: str, fallback: Callable) -> Callable:
+        """Primitive `name` through the registry, else `fallback`; records the choice under the current op."""
         from v4compile.plugins import registry
 
         def call(*args, **kwargs):
             entry = registry.lookup(f"v4::{name}", self.target.name, *args, **kwargs)
-            fn, label = (entry.fn, entry.name) if entry is not None else (reference_impl(name), "reference")
+            fn, label = (entry.fn, entry.name) if entry is not None else (fallback, "reference")
             self.chosen.setdefault(self.current, {}).setdefault(name, set()).add(label)
             return fn(*args, **kwargs)
 
         return call
+
+    def nested(self) -> dict[str, Callable]:
+        """BODIES replacements for NESTED's primitives (the reference bodies captured now, as fallbacks)."""
+        return {name: self.dispatch(name, BODIES[name]) for names in NESTED.values() for name in names}
+
+    def __missing__(self, name: str) -> Callable:
+        return self.dispatch(name, reference_impl(name))
 
 
 @contextlib.contextmanager
@@ -286,7 +300,7 @@ def _choose(node: torch.fx.Node, target: Target, table: _KernelTable | None) -> 
         entry = registry.lookup(op, target.name, *args, **kwargs)
         if entry is not None:
             return entry.fn, entry.name
-        elif name in FUSED_BODIES and table is not None:
+        elif (name in FUSED_BODIES or name in NESTED) and table is not None:
             return table.composed(name), "composed"  # its parts resolved through `table` while exporting
         return reference_impl(name), "reference"
     else:
@@ -336,7 +350,8 @@ def lower(g: Captured, target: Target, example: tuple[Tensor, ...], max_batch: i
         # reshapes sympy cannot prove become runtime checks instead of export errors.
         with torch.no_grad(), _whole_chunk_bodies(), fx_config.patch(backed_size_oblivious=True), \
                 _fused_bodies_using(table if table is not None else BODIES), \
-                _bodies_replaced(CPU_LOOP_BODIES if target.kernel_policy == "decompose" else {}):
+                _bodies_replaced(CPU_LOOP_BODIES if target.kernel_policy == "decompose" else
+                                 table.nested() if table is not None else {}):
             program = torch.export.export(gm, example, dynamic_shapes=dynamic,
                                           prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as e:  # torch raises many unrelated types here; surface one typed error

@@ -135,3 +135,40 @@ def test_production_layout_fused_ops_are_composed_from_registry_kernels(packed_s
     want = model(tokens, 0, want_cache)
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(caches, want_cache.named_tensors().values()))
+
+
+@pytest.fixture
+def sinkhorn_stand_in():
+    """A stand-in v4::sinkhorn kernel (the reference body captured here, counted while tracing)."""
+    calls = {"sinkhorn": 0}
+    ref = BODIES["sinkhorn"]
+
+    def fn(*args, **kwargs):
+        calls["sinkhorn"] += 1
+        return ref(*args, **kwargs)
+
+    registry.register_kernel("v4::sinkhorn", TEST_TARGET.name, name="test::sinkhorn")(fn)
+    yield calls
+    registry.unregister_kernel("v4::sinkhorn", TEST_TARGET.name, "test::sinkhorn")
+
+
+def test_hc_pre_gets_the_registry_sinkhorn(sinkhorn_stand_in, one_thread):
+    """hc_pre (unfused op) calls sinkhorn through BODIES: lowering for a registry target resolves it through the
+    registry too (one kernel for the whole normalisation instead of Inductor's per-step kernels); the manifest
+    names it; without a kernel the reference body is composed in (same program as before)."""
+    model = ReferenceModel(ModelConfig.preset("tiny"), dtype=torch.float32).eval()
+    g = run_pipeline(capture(model, "decode", max_len=MAX_LEN))
+    ex = example_inputs(model, "decode", 2, 1, MAX_LEN)
+    before = BODIES["sinkhorn"]
+    lo = lower(g, TEST_TARGET, ex, 4)
+    assert BODIES["sinkhorn"] is before  # the replacement is undone after the export
+    assert sinkhorn_stand_in["sinkhorn"] == 2 * model.cfg.n_layers  # attention and FFN maps of every layer
+    assert lo.kernels["v4::hc_pre"] == "composed: sinkhorn=test::sinkhorn"
+    registry.unregister_kernel("v4::sinkhorn", TEST_TARGET.name, "test::sinkhorn")
+    lo2 = lower(run_pipeline(capture(model, "decode", max_len=MAX_LEN)), TEST_TARGET, ex, 4)
+    assert lo2.kernels["v4::hc_pre"] == "composed: sinkhorn=reference"
+    caches = [torch.zeros_like(c) for c in ex[2:]]
+    tok, sp = torch.tensor([[5], [9]]), torch.tensor([3, 7])
+    a = lo.program.module()(tok, sp, *[c.clone() for c in caches])
+    b = lo2.program.module()(tok, sp, *[c.clone() for c in caches])
+    assert torch.equal(a, b)
