@@ -57,7 +57,7 @@ start)
   if [ -n "${QUICK:-}" ]; then el "QUICK: bench build and v4run build only"; snap; el end; exit 0; fi
   (TRITON_INTERPRET=0 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/plugins/test_tensorrt_aot_gpu.py \
      tests/model/test_reference_model.py tests/runtime/test_weights.py tests/targets/test_kv_layout_gpu.py \
-     tests/plugins/test_compressor.py \
+     tests/plugins/test_compressor.py tests/plugins/test_mhc.py \
      > /tmp/bm/gpu_tests.log 2>&1; echo rc=$? >> /tmp/bm/gpu_tests.log) &
   GT=$!
   el "tiny fp8 build (production layout, check on, --trace)"

@@ -3,4 +3,5 @@
 Importing this package registers every kernel with plugins/registry (the GPU targets' lowering imports it).
 """
 
-from v4compile.plugins.triton import compressor, indexer_topk, moe_gemm, moe_route, sparse_attention  # noqa: F401
+from v4compile.plugins.triton import (compressor, fp8_linear, indexer_topk, mhc, moe_gemm, moe_route,  # noqa: F401
+                                     sparse_attention)

@@ -288,6 +288,14 @@ from v4compile.bench.indexer import bench_specs as _indexer_specs  # noqa: E402
 
 BENCHES += _indexer_specs(BenchSpec)
 
+from v4compile.bench.mhc import bench_specs as _mhc_specs  # noqa: E402 - group "mhc"
+
+BENCHES += _mhc_specs(BenchSpec)
+
+from v4compile.bench.linear import bench_specs as _linear_specs  # noqa: E402 - group "linear"
+
+BENCHES += _linear_specs(BenchSpec)
+
 
 def run_kernel_bench(names: list[str] | None = None, json_out: str | None = None, sweep: bool = False,
                      quick: bool = False) -> list[Row]:
