@@ -9,7 +9,7 @@
 #                                       # torch.compile-only bench model in the background (call again to collect)
 #
 #   QUICK=1 ... start                   # only the two background builds (then `bench` in the same call: short budgets)
-#   NO_BENCH_BUILD=1 KBENCH=compressor ... start   # no bench build; then `bench kernels compressor` after the tests
+#   NO_BENCH_BUILD=1 KBENCH="mhc linear" ... start   # no bench build; then `bench kernels mhc linear` after the tests
 #
 # Logs go to /tmp/bm and, packed as logs.tgz with the JSON / plot beside it, to $OUT (the device tool's folder;
 # ./gpu_out elsewhere). DL: seconds this call may use (570).
@@ -57,7 +57,7 @@ start)
   if [ -n "${QUICK:-}" ]; then el "QUICK: bench build and v4run build only"; snap; el end; exit 0; fi
   (TRITON_INTERPRET=0 timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/plugins/test_tensorrt_aot_gpu.py \
      tests/model/test_reference_model.py tests/runtime/test_weights.py tests/targets/test_kv_layout_gpu.py \
-     tests/plugins/test_compressor.py tests/plugins/test_mhc.py \
+     tests/plugins/test_compressor.py tests/plugins/test_mhc.py tests/plugins/test_fp8_linear.py \
      > /tmp/bm/gpu_tests.log 2>&1; echo rc=$? >> /tmp/bm/gpu_tests.log) &
   GT=$!
   el "tiny fp8 build (production layout, check on, --trace)"

@@ -3,7 +3,8 @@
 from v4compile.targets.base import Target
 
 GPU_OPS = ("v4::sparse_attention", "v4::compress", "v4::indexer_scores", "v4::topk_select", "v4::moe_route",
-           "v4::moe_experts", "v4::sparse_attention_fp8", "v4::indexer_scores_fp4", "v4::compress_packed")
+           "v4::moe_experts", "v4::sparse_attention_fp8", "v4::indexer_scores_fp4", "v4::compress_packed",
+           "v4::sinkhorn", "v4::fp8_linear")
 
 H100 = Target(
     name="h100", arch="sm_90", device="cuda", precisions=("bf16", "fp8"), kernel_policy="registry", tested=False,
