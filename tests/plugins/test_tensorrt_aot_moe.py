@@ -19,10 +19,10 @@ from v4compile.quant import formats as qf
 from v4compile.targets import trt_ops
 from v4compile.validate import TOLERANCES, calc_diff, nonfinite_mismatch
 
-from test_moe_kernels import exact_interpreter_casts  # noqa: F401  (tests/plugins; module-scoped, autouse)
 from test_tensorrt_aot import (compile_cases, _compare, _LaunchRecorder, _PlanRecorder,  # tests/plugins
                                check_compiled_entry)
 
+pytestmark = pytest.mark.usefixtures("exact_interpreter_casts")  # e4m3 casts as the GPU's (conftest.py)
 MOE_KERNELS = ["moe_quant_act", "moe_count", "moe_scatter", "moe_gemm1", "moe_gemm2", "moe_combine"]
 LIMIT = 10.0
 # (E, d, I, k, weight block): the tiny model's experts (128x128 blocks) and a wider stack with the per-row scales
