@@ -114,6 +114,24 @@ def measure_ceilings(device: torch.device | str = "cuda", copy_bytes: int | None
     return Ceilings(copy_gbps=copy_gbps, bf16_tflops=bf16, fp8_tflops=fp8, device=name)
 
 
+def compiled_row(bench: str, body: Callable[..., Any], first_args: tuple, args: tuple, flops: float, nbytes: float,
+                 floor: float, want: Any = None, cudagraph: bool = False) -> Row:
+    """The "torch_compile" row of `body` (an op's reference body, compiled by Inductor: what an engine runs where
+    no kernel exists): first call on `first_args` (compile), then timed on `args`; calc_diff to `want` when given.
+    A compile failure is recorded in the row (time NaN) so the other rows of the run stay."""
+    from v4compile.validate import calc_diff
+
+    compiled = torch.compile(body, dynamic=False)
+    try:
+        out = compiled(*first_args)
+        check = calc_diff(out, want) if want is not None else None
+        return Row(bench, "torch_compile", time_us(lambda: compiled(*args), cudagraph=cudagraph), flops, nbytes, floor,
+                   check)
+    except Exception as e:  # torch.compile raises many types; keep the run going
+        return Row(bench, "torch_compile", float("nan"), flops, nbytes, floor,
+                   extra=dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
+
+
 def floor_us(bytes_: float, flops: float, ceil: Ceilings, fp8: bool = False) -> float:
     """max(bytes / copy bandwidth, FLOPs / matmul rate): no implementation can be much faster."""
     rate = ceil.fp8_tflops if (fp8 and ceil.fp8_tflops) else ceil.bf16_tflops

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from v4compile.bench.common import Ceilings, Row, floor_us, time_us
+from v4compile.bench.common import Ceilings, Row, compiled_row, floor_us, time_us
 from v4compile.validate import calc_diff
 
 HI, DI, TOPK, RATIO = 64, 128, 512, 4
@@ -317,14 +317,8 @@ def compressor(ceil: Ceilings, opt: Any, *, kind: str, B: int, T: int, bench: st
     if packed:
         from v4compile.model.ops import BODIES
 
-        body = torch.compile(BODIES["compress_packed"], dynamic=False)
-        try:
-            body(*inp, *[t.clone() for t in state], *tail)
-            rows.append(Row(bench, "torch_compile", time_us(lambda: body(*inp, *work, *tail), cudagraph=T == 1),
-                            0.0, nbytes, fl))
-        except Exception as e:  # record why, keep the other rows
-            rows.append(Row(bench, "torch_compile", float("nan"), 0.0, nbytes, fl,
-                            extra=dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")))
+        rows.append(compiled_row(bench, BODIES["compress_packed"], (*inp, *[t.clone() for t in state], *tail),
+                                 (*inp, *work, *tail), 0.0, nbytes, fl, cudagraph=T == 1))
     return rows
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from v4compile.bench.common import Ceilings, Row, floor_us, time_us
+from v4compile.bench.common import Ceilings, Row, compiled_row, floor_us, time_us
 from v4compile.validate import calc_diff
 
 DEVICE = "cuda"  # a CPU dry run of the harness (interpreter) points this elsewhere
@@ -36,14 +36,7 @@ def linear_bench(ceil: Ceilings, opt: Any, *, M: int, O: int, K: int, bench: str
     rows = [Row(bench, "triton", time_us(lambda: fl.fp8_linear_launch(x, w, s), cudagraph=graph), flops, nbytes,
                 fl_us, calc_diff(fl.fp8_linear_launch(x, w, s), want))]
     rows.append(Row(bench, "eager", time_us(lambda: ref(x, w, s)), flops, nbytes, fl_us))
-    compiled = torch.compile(ref, dynamic=False)
-    try:
-        out = compiled(x, w, s)
-        rows.append(Row(bench, "torch_compile", time_us(lambda: compiled(x, w, s), cudagraph=graph), flops, nbytes,
-                        fl_us, calc_diff(out, want)))
-    except Exception as e:  # record why, keep the other rows
-        rows.append(Row(bench, "torch_compile", float("nan"), flops, nbytes, fl_us,
-                        extra=dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")))
+    rows.append(compiled_row(bench, ref, (x, w, s), (x, w, s), flops, nbytes, fl_us, want, cudagraph=graph))
     return rows
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from v4compile.bench.common import Ceilings, Row, floor_us, time_us
+from v4compile.bench.common import Ceilings, Row, compiled_row, floor_us, time_us
 from v4compile.validate import calc_diff
 
 DEVICE = "cuda"  # a CPU dry run of the harness (interpreter) points this elsewhere
@@ -32,14 +32,8 @@ def sinkhorn_bench(ceil: Ceilings, opt: Any, *, n: int, bench: str) -> list[Row]
     rows = [Row(bench, "triton", time_us(lambda: mhc.sinkhorn_launch(logits, ITERS, EPS), cudagraph=graph), 0.0,
                 nbytes, fl, calc_diff(got, want))]
     rows.append(Row(bench, "eager", time_us(lambda: ref_body(logits, ITERS, EPS)), 0.0, nbytes, fl))
-    compiled = torch.compile(ref_body, dynamic=False)
-    try:
-        out = compiled(logits, ITERS, EPS)
-        rows.append(Row(bench, "torch_compile", time_us(lambda: compiled(logits, ITERS, EPS), cudagraph=graph), 0.0,
-                        nbytes, fl, calc_diff(out, want)))
-    except Exception as e:  # record why, keep the other rows
-        rows.append(Row(bench, "torch_compile", float("nan"), 0.0, nbytes, fl,
-                        extra=dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")))
+    args = (logits, ITERS, EPS)
+    rows.append(compiled_row(bench, ref_body, args, args, 0.0, nbytes, fl, want, cudagraph=graph))
     return rows
 
 
