@@ -7,8 +7,8 @@ Same contract as `v4::fp8_linear` (v4compile/model/ops.py): x [..., K] act, weig
 [ceil(O/128), K/128] (float32 here: GPU targets widen UE8M0 scales, targets/lower.py) -> y [..., O] act. Two
 launches: the MoE kernels' activation quantisation (per row and 128 channels, power-of-two scales: the rule of
 fake_quant_fp8), then a GEMM that multiplies e4m3 x e4m3 on the tensor cores and adds each 128-block's product
-times its two scales in fp32, as DeepSeek's FP8 GEMMs do. (Quantising inside the GEMM's K loop spilled: the
-pipelined bf16 tiles stay in registers.) Lowered from the reference body instead, a GPU engine dequantised every
+times its two scales in fp32, as DeepSeek's FP8 GEMMs do (the A tiles then go to the tensor cores as loaded,
+like the weights). Lowered from the reference body instead, a GPU engine dequantised every
 weight to float32 on every call (an Inductor kernel writing 4 B per weight) and ran an fp32 cuBLAS GEMV over it,
 about 9 bytes of traffic per weight where this reads 1 (the profile in docs/perf/engines.md, session 10).
 
@@ -35,6 +35,8 @@ _BK = tl.constexpr(BK)
 
 @dataclass(frozen=True)
 class LinearConfig:
+    """Tile (rows x output columns) and launch parameters of the GEMM."""
+
     block_m: int
     block_n: int
     num_warps: int
@@ -43,7 +45,7 @@ class LinearConfig:
 
 # Untimed so far (no GPU when it was written): BM 16 / BN 64 for decode after the MoE route GEMMs (the same
 # weight-streaming shape), 64 x 128 for prefill after the MoE grouped GEMM2; `v4compile bench kernels linear`
-# times them against torch._scaled_mm and the fp32 path.
+# times them against the reference body, eager and compiled (the engines' former fp32 path).
 DECODE_CONFIG = LinearConfig(16, 64, 4, 4)
 PREFILL_CONFIG = LinearConfig(64, 128, 4, 3)
 DECODE_MAX_ROWS = 64
