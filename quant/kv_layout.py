@@ -32,6 +32,13 @@ def entry_bytes(head_dim: int) -> int:
     return nope + 2 * ROPE_DIM + SCALE_BYTES
 
 
+def row_bytes(width: int, rope_dim: int = ROPE_DIM, index_key: bool = False) -> tuple[int, int]:
+    """(data bytes, scale bytes) of one row of the split production layout (model/cache.py): a KV entry of `width`
+    dims = e4m3 nope + bf16 RoPE (width + rope_dim bytes) and SCALE_BYTES; an indexer key = packed e2m1 (width / 2)
+    and one UE8M0 byte per INDEX_BLOCK dims."""
+    return (width // 2, width // INDEX_BLOCK) if index_key else (width + rope_dim, SCALE_BYTES)
+
+
 def _nope(head_dim: int) -> int:
     nope = head_dim - ROPE_DIM
     if nope <= 0 or nope % BLOCK != 0 or nope // BLOCK > SCALE_BYTES:

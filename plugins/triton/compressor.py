@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from v4compile.plugins.registry import register_kernel
-from v4compile.plugins.triton.launch import launcher  # eager: direct launch; tracing: wrap_triton
-from v4compile.quant.kv_layout import INDEX_BLOCK, SCALE_BYTES
+from v4compile.plugins.triton.launch import accepts, launcher  # eager: direct launch; tracing: wrap_triton
+from v4compile.quant.kv_layout import SCALE_BYTES, row_bytes
 
 SLOTS_PER_STEP = 16  # slots pooled per step of the online softmax (HCA has m = 128 slots)
 STATE_ELEMS = 2048  # state rows x channels per program of the state update
@@ -142,12 +142,24 @@ def _hadamard(x, DP: tl.constexpr):
 
 
 @triton.jit
+def _program_block(start_ptr, T, n_blocks, M: tl.constexpr):
+    """Pool program (b, i) -> (b, the chunk's start s, block j = s // m + i, whether j completes in this chunk and
+    has a cache row)."""
+    b = tl.program_id(0).to(tl.int64)
+    s = tl.load(start_ptr + b).to(tl.int64)
+    j = s // M + tl.program_id(1)
+    return b, s, j, (M * (j + 1) <= s + T) & (j < n_blocks)
+
+
+@triton.jit
 def _pool_entry(kvp_ptr, gp_ptr, ape_ptr, nw_ptr, invf_ptr, kvs_ptr, scs_ptr, b, s, j, T, eps, hd_scale,
                 sk_b, sk_t, sg_b, sg_t, ss_b,
                 M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
                 SB: tl.constexpr, ROTATE: tl.constexpr, act: tl.constexpr):
     """Cache entry of block j of sequence b (chunk start s): pool, normalise, rotate, quantise; fp32 [DP] holding
     act values (channels >= D are 0)."""
+    eps = tl.cast(eps, tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
+    hd_scale = tl.cast(hd_scale, tl.float32)
     CW: tl.constexpr = C * D
     q0 = s - s % M
     offs_d = tl.arange(0, DP)
@@ -212,12 +224,8 @@ def _pool_kernel(kvp_ptr, gp_ptr, ape_ptr, nw_ptr, invf_ptr, start_ptr, kvs_ptr,
                  M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, R: tl.constexpr,
                  SB: tl.constexpr, ROTATE: tl.constexpr):
     """Program (b, i): block j = start // m + i; pool, normalise, rotate, quantise, write if complete."""
-    eps = tl.cast(eps, tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
-    hd_scale = tl.cast(hd_scale, tl.float32)
-    b = tl.program_id(0).to(tl.int64)
-    s = tl.load(start_ptr + b).to(tl.int64)
-    j = s // M + tl.program_id(1)
-    if (M * (j + 1) <= s + T) & (j < n_blocks):
+    b, s, j, complete = _program_block(start_ptr, T, n_blocks, M)
+    if complete:
         act = cache_ptr.dtype.element_ty
         x = _pool_entry(kvp_ptr, gp_ptr, ape_ptr, nw_ptr, invf_ptr, kvs_ptr, scs_ptr, b, s, j, T, eps, hd_scale,
                         sk_b, sk_t, sg_b, sg_t, ss_b, M, C, D, DP, R, SB, ROTATE, act)
@@ -257,20 +265,17 @@ def _pool_packed_kernel(kvp_ptr, gp_ptr, ape_ptr, nw_ptr, invf_ptr, start_ptr, k
     """_pool_kernel writing production-layout bytes (V4-SPEC 6.2, quant/kv_layout.py pack_kv_rows /
     pack_index_rows) of the bf16 entry: data row (e4m3 nope | bf16 RoPE little-endian, or packed e2m1 pairs) and
     its SW scale bytes (UE8M0 exponents re-derived from the stored values, as the encoders do; zero padded)."""
-    eps = tl.cast(eps, tl.float32)  # float arguments arrive as fp64 when AOTInductor launches the kernel
-    hd_scale = tl.cast(hd_scale, tl.float32)
-    b = tl.program_id(0).to(tl.int64)
-    s = tl.load(start_ptr + b).to(tl.int64)
-    j = s // M + tl.program_id(1)
-    if (M * (j + 1) <= s + T) & (j < n_blocks):
+    b, s, j, complete = _program_block(start_ptr, T, n_blocks, M)
+    if complete:
         x = _pool_entry(kvp_ptr, gp_ptr, ape_ptr, nw_ptr, invf_ptr, kvs_ptr, scs_ptr, b, s, j, T, eps, hd_scale,
                         sk_b, sk_t, sg_b, sg_t, ss_b, M, C, D, DP, R, SB, ROTATE, tl.bfloat16)
         row = data_ptr + b * sd_b + j * sd_n
         srow = scale_ptr + b * sx_b + j * sx_n
         offs_d = tl.arange(0, DP)
         if ROTATE:  # indexer key: D = DP, e2m1 codes two per byte (dim 2i low nibble), one scale per 32 dims
-            e, inv = _block_exponent(tl.reshape(x, (DP // 32, 32)), 6.0, 6.0 * 2.0**-126)
-            v = tl.reshape(tl.reshape(x, (DP // 32, 32)) * inv[:, None], (DP,))
+            xb = tl.reshape(x, (DP // 32, 32))
+            e, inv = _block_exponent(xb, 6.0, 6.0 * 2.0**-126)
+            v = tl.reshape(xb * inv[:, None], (DP,))
             lo, hi = tl.split(tl.reshape(_e2m1_code(v), (DP // 2, 2)))
             tl.store(row + tl.arange(0, DP // 2), (lo | (hi << 4)).to(tl.uint8))
             tl.store(srow + tl.arange(0, DP // 32), e.to(tl.uint8))
@@ -385,7 +390,7 @@ def _check_packed(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_
     """_check_inputs plus the production-layout cache pair; returns (B, T, CW, c, D, R, scale bytes per row)."""
     B, T, CW, c, D, R = _check_inputs(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state,
                                       score_state, ratio, rotate)
-    width, sw = (D // 2, D // INDEX_BLOCK) if rotate else (D + R, SCALE_BYTES)
+    width, sw = row_bytes(D, R, index_key=rotate)
     if not rotate and (D - R) // 64 > SCALE_BYTES:
         raise ValueError(f"{(D - R) // 64} nope blocks do not fit the {SCALE_BYTES} scale bytes of a row")
     for name, t, w in (("cache", cache, width), ("cache_scale", cache_scale, sw)):
@@ -465,12 +470,8 @@ def compress(kv_proj: torch.Tensor, gate_proj: torch.Tensor, ape: torch.Tensor, 
 def supports_compress(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state, cache,
                       ratio, norm_eps=1e-6, rotate=False, *_rest, **_kw) -> bool:
     """Capability check: the launcher's shape / dtype / layout conditions."""
-    try:
-        _check(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state, cache, ratio,
-               rotate)
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return True
+    return accepts(_check, kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state, cache,
+                   ratio, rotate)
 
 
 register_kernel("v4::compress", ("h100", "h200"), supports_compress, priority=10,
@@ -490,12 +491,8 @@ def compress_packed(kv_proj: torch.Tensor, gate_proj: torch.Tensor, ape: torch.T
 def supports_compress_packed(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state,
                              cache, cache_scale, ratio, norm_eps=1e-6, rotate=False, *_rest, **_kw) -> bool:
     """Capability check: the packed launcher's shape / dtype / layout conditions."""
-    try:
-        _check_packed(kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state, cache,
-                      cache_scale, ratio, rotate)
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return True
+    return accepts(_check_packed, kv_proj, gate_proj, ape, norm_weight, inv_freq, start_pos, kv_state, score_state,
+                   cache, cache_scale, ratio, rotate)
 
 
 register_kernel("v4::compress_packed", ("h100", "h200"), supports_compress_packed, priority=10,

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from v4compile.plugins.registry import register_kernel
-from v4compile.plugins.triton.launch import launcher
+from v4compile.plugins.triton.launch import accepts, launcher
 from v4compile.plugins.triton.moe_gemm import _quant_rows_fp8
 
 BK = 128
@@ -96,7 +96,7 @@ def _check(x, weight, scale) -> tuple[int, int]:
 
 def fp8_linear_launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       config: LinearConfig | None = None) -> torch.Tensor:
-    """Validate, then y [..., O] in x's dtype (one launch)."""
+    """Validate, then y [..., O] in x's dtype (two launches: the rows' quantisation, the GEMM)."""
     K, O = _check(x, weight, scale)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -121,11 +121,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 
 def supports_fp8_linear(x, weight, scale, *_rest, **_kw) -> bool:
     """Capability check: bf16 / fp16 activations, e4m3 weights with float32 128x128 scales, K % 128 == 0."""
-    try:
-        _check(x, weight, scale)
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return True
+    return accepts(_check, x, weight, scale)
 
 
 register_kernel("v4::fp8_linear", ("h100", "h200"), supports_fp8_linear, priority=10,

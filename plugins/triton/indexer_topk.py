@@ -34,7 +34,7 @@ import triton.language as tl
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from v4compile.plugins.registry import register_kernel
-from v4compile.plugins.triton.launch import launcher, unused_arg
+from v4compile.plugins.triton.launch import accepts, launcher, unused_arg
 from v4compile.plugins.triton.radix_topk import (NB, TOPK_CONFIGS, WS_INTS, TopkConfig, _key, launch_select,
                                                  new_workspace, pick_topk_config, workspace_ints_per_row)
 
@@ -499,22 +499,14 @@ def indexer_topk_fp4(q_idx: torch.Tensor, weights: torch.Tensor, k_codes: torch.
     return indexer_topk_launch(q_idx, weights, (k_codes, k_scales), positions, ratio, k)
 
 
-def _accepts(check, *args) -> bool:
-    try:
-        check(*args)
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return True
-
-
 def supports_indexer(q_idx, weights, k_cache, positions, ratio, *_rest, **_kw) -> bool:
     """Capability check shared by indexer_scores and indexer_topk (dtypes, pow2 heads/dims, strides)."""
-    return _accepts(_check_indexer_inputs, q_idx, weights, k_cache, positions, ratio)
+    return accepts(_check_indexer_inputs, q_idx, weights, k_cache, positions, ratio)
 
 
 def supports_indexer_fp4(q_idx, weights, k_codes, k_scales, positions, ratio, *_rest, **_kw) -> bool:
     """Capability check of the packed-FP4 ops (uint8 codes / scales, Di a multiple of 32, bf16/fp32 q)."""
-    return _accepts(_check_indexer_inputs, q_idx, weights, k_codes, positions, ratio, k_scales)
+    return accepts(_check_indexer_inputs, q_idx, weights, k_codes, positions, ratio, k_scales)
 
 
 def supports_topk(scores, k, *_rest, **_kw) -> bool:

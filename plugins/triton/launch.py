@@ -48,6 +48,16 @@ def _check_distinct(kernel, args: tuple[Any, ...]) -> None:
                                  "tensor for an argument the kernel does not use (see plugins/triton/launch.py)")
 
 
+def accepts(check, *args) -> bool:
+    """Whether a launcher's input `check` accepts these arguments (the kernel registry's `supports` predicates:
+    real tensors or the FakeTensors of an FX node; a check raises ValueError / TypeError / AttributeError)."""
+    try:
+        check(*args)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
 def unused_arg(device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """A one-element tensor for a pointer argument that a kernel's constexpr flags leave unused."""
     return torch.empty(1, dtype=dtype, device=device)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from v4compile.plugins.registry import register_kernel
-from v4compile.plugins.triton.launch import launcher
+from v4compile.plugins.triton.launch import accepts, launcher
 
 ELEMS_PER_PROGRAM = 4096  # matrix elements per program (BLOCK = ELEMS_PER_PROGRAM / hc^2 matrices)
 
@@ -85,11 +85,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 def supports_sinkhorn(logits, iters, eps, *_rest, **_kw) -> bool:
     """Capability check: the launcher's shape / dtype / argument conditions."""
-    try:
-        _check(logits, iters, eps)
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return True
+    return accepts(_check, logits, iters, eps)
 
 
 register_kernel("v4::sinkhorn", ("h100", "h200"), supports_sinkhorn, priority=10,

@@ -254,8 +254,10 @@ def _compress_inputs(kind: str, B: int, T: int, start: int, n_blocks: int, seed:
 
 def _packed_row_bytes(kind: str) -> tuple[int, int]:
     """(data bytes, scale bytes) of one production-layout row: 576 + 8 (KV), 64 + 4 (indexer key)."""
+    from v4compile.quant.kv_layout import row_bytes
+
     m, D, rotate = _KINDS[kind]
-    return (D // 2, D // 32) if rotate else (D + 64, 8)
+    return row_bytes(D, 64, index_key=rotate)
 
 
 def _compress_bytes(kind: str, B: int, T: int, packed: bool = False, mid_block: bool = False) -> float:

@@ -31,7 +31,7 @@ from torch import Tensor
 from v4compile.errors import InputError
 from v4compile.model.config import ModelConfig
 from v4compile.model.kv_bytes import LAYOUTS, measured_per_token
-from v4compile.quant.kv_layout import SCALE_BYTES, index_key_bytes
+from v4compile.quant.kv_layout import SCALE_BYTES, index_key_bytes, row_bytes
 
 SLOT_ALIGN_ROWS = 16
 """Production-layout compressed caches have a multiple of this many rows: a slot of a uint8 tensor with rows of any
@@ -111,7 +111,9 @@ class Cache:
 
         packed = layout == "production"
         Di = cfg.index_head_dim
-        row = cfg.head_dim + cfg.rope_head_dim if packed else D  # nope e4m3 bytes + 2 bytes per bf16 RoPE dim
+        kv_row, kv_scale = row_bytes(D, cfg.rope_head_dim)  # e4m3 nope | bf16 RoPE bytes, UE8M0 bytes
+        idx_row, idx_scale = row_bytes(Di, index_key=True)  # packed e2m1, UE8M0 bytes
+        row = kv_row if packed else D
 
         def rows(n: int, width: int = row) -> Tensor:
             return zeros(B, n, width, dt=torch.uint8 if packed else dtype)
@@ -128,16 +130,16 @@ class Cache:
             m = cfg.compress_ratios[i]
             lc = LayerCache(ratio=m, ring=rows(W))
             if packed:
-                lc.ring_scale = rows(W, SCALE_BYTES)
+                lc.ring_scale = rows(W, kv_scale)
             if m:
                 c = 2 if m == 4 else 1
                 lc.kv = rows(blocks(m))
-                lc.kv_scale = rows(blocks(m), SCALE_BYTES) if packed else None
+                lc.kv_scale = rows(blocks(m), kv_scale) if packed else None
                 lc.kv_state = zeros(B, c * m, c * D, dt=torch.float32)
                 lc.score_state = neg_inf(B, c * m, c * D)
             if m == 4:
-                lc.idx_kv = rows(blocks(4), Di // 2 if packed else Di)
-                lc.idx_kv_scale = rows(blocks(4), Di // 32) if packed else None
+                lc.idx_kv = rows(blocks(4), idx_row if packed else Di)
+                lc.idx_kv_scale = rows(blocks(4), idx_scale) if packed else None
                 lc.idx_kv_state = zeros(B, 8, 2 * Di, dt=torch.float32)
                 lc.idx_score_state = neg_inf(B, 8, 2 * Di)
             layers.append(lc)
